@@ -1,0 +1,52 @@
+"""Shared CLI helpers: consoles, global flags, option parsing helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from ..errors import UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+state = _State()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_list(value: str | None, what: str) -> list[str]:
+    """Split a comma-separated option into a non-empty list of stripped items."""
+    items = [v.strip() for v in (value or "").split(",") if v.strip()]
+    if not items:
+        raise UsageError(f"{what} needs at least one value")
+    return items
+
+
+def parse_int_list(value: str | None, what: str) -> list[int]:
+    try:
+        return [int(v) for v in parse_list(value, what)]
+    except ValueError as exc:
+        raise UsageError(f"{what} must be comma-separated integers, got {value!r}") from exc
+
+
+def positive(value: int | None, what: str, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if value is None or value <= 0:
+        raise UsageError(f"{what} must be a positive integer, got {value}")
+    return value

@@ -1,0 +1,30 @@
+"""Commands about assets: ``fetch`` and ``models``."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from .. import assets
+from ..models import supported_architectures
+from . import app
+from ._common import console
+
+
+@app.command()
+def fetch() -> None:
+    """Download the embedded model and benchmark data into the cache (once)."""
+    for name, path in assets.fetch_all().items():
+        console.print(f"{name}: {path}")
+
+
+@app.command()
+def models() -> None:
+    """List model aliases, what is cached, and the supported architectures."""
+    cached = set(assets.cached_models())
+    table = Table("alias", "cached", "licence", "description")
+    for alias, asset in assets.MODEL_ASSETS.items():
+        table.add_row(alias, "yes" if alias in cached else "no", asset.licence, asset.description)
+    console.print(table)
+    console.print(f"cache: {assets.cache_dir()}")
+    console.print("supported architectures: " + ", ".join(supported_architectures()))
+    console.print("--model also accepts a local Hugging Face directory, a .gguf file, or a hub id.")

@@ -1,0 +1,292 @@
+"""Loading models and reaching their layers, for every supported decoder architecture.
+
+Everything else in crashlm goes through this module to find a model's decoder layers, final
+norm and unembedding, and to replace the layer stack (drop, reorder, share). Architectures
+differ only in attribute paths, so each is one :class:`ArchSpec` row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import assets
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture family keeps its parts (dotted attribute paths)."""
+
+    layers: str
+    final_norm: str | None
+    unembed: str = "lm_head"
+    # Extra modules between the final norm and the unembedding (OPT-350m's project_out).
+    post_norm: tuple[str, ...] = ()
+
+
+_LLAMA_LIKE = ArchSpec(layers="model.layers", final_norm="model.norm")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "opt": ArchSpec(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
+                    post_norm=("model.decoder.project_out",)),
+    "gpt2": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head"),
+    "bloom": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
+    "phi": ArchSpec(layers="model.layers", final_norm="model.final_layernorm"),
+    "falcon": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def arch_spec(model_or_config) -> ArchSpec:
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UsageError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_architectures())}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _get_path(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _set_path(obj, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer access
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list, in order."""
+    return _get_path(model, arch_spec(model).layers)
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_layers(model))
+
+
+def get_final_norm(model: nn.Module) -> nn.Module | None:
+    spec = arch_spec(model)
+    return _get_path(model, spec.final_norm) if spec.final_norm else None
+
+
+def get_unembed(model: nn.Module) -> nn.Module:
+    return _get_path(model, arch_spec(model).unembed)
+
+
+def hidden_to_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Decode a residual-stream state the way the model decodes its last layer.
+
+    Applies the final norm (the original CRaSh logit lens forgot it), any post-norm
+    projection, then the unembedding, and the model's own logit soft-capping if it has one.
+    """
+    spec = arch_spec(model)
+    norm = get_final_norm(model)
+    if norm is not None:
+        hidden = norm(hidden)
+    for path in spec.post_norm:
+        module = _get_path(model, path)
+        if module is not None:
+            hidden = module(hidden)
+    logits = get_unembed(model)(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _renumber(layer: nn.Module, index: int) -> None:
+    for module in layer.modules():
+        if hasattr(module, "layer_idx") and isinstance(getattr(module, "layer_idx"), int):
+            module.layer_idx = index
+
+
+def set_layers(model: nn.Module, layers: Sequence[nn.Module], sources: Sequence[int]) -> None:
+    """Replace the decoder stack with ``layers``; ``sources[i]`` is the original index of ``layers[i]``.
+
+    Renumbers each attention module's ``layer_idx`` (KV-cache slots), and updates
+    ``config.num_hidden_layers`` and per-layer config lists (``layer_types``) so generation and
+    save/reload work. A module that appears at several positions (sharing) keeps one
+    ``layer_idx``, so such models must run with ``use_cache=False``; callers that share set it.
+    """
+    if len(layers) != len(sources):
+        raise ValueError("layers and sources must have the same length")
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    seen: set[int] = set()
+    for position, layer in enumerate(layers):
+        if id(layer) not in seen:
+            _renumber(layer, position)
+            seen.add(id(layer))
+    _set_path(model, arch_spec(model).layers, nn.ModuleList(layers))
+    if layer_types is not None and len(layer_types) > max(sources, default=-1):
+        config.layer_types = [layer_types[s] for s in sources]
+    config.num_hidden_layers = len(layers)
+    if len(seen) != len(layers):
+        config.use_cache = False
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.use_cache = False
+
+
+@contextlib.contextmanager
+def capture_layer_io(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the residual stream around every decoder layer during a forward pass.
+
+    The yielded list fills with L + 1 tensors: the input of layer 0 (the embedding output,
+    position embeddings included) followed by each layer's output. Hooks rather than
+    ``output_hidden_states`` give the same meaning on every architecture: some models apply
+    the final norm to their last hidden state, the hooks never do.
+    """
+    layers = get_layers(model)
+    states: list[torch.Tensor] = []
+
+    def pre_hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        states.append(hidden)
+
+    def post_hook(_module, _args, output):
+        states.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    # A shared module fires its hook once per position it occupies, in order.
+    for layer in {id(m): m for m in layers}.values():
+        handles.append(layer.register_forward_hook(post_hook))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Map a ``--model`` value to (directory or hub id, gguf file name or None)."""
+    if spec in assets.MODEL_ASSETS:
+        return str(assets.model_dir(spec)), None
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path), None
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UsageError(f"model path not found: {spec}")
+    return spec, None  # a hub id
+
+
+def _load_config(source: str, gguf_file: str | None):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+            raise UsageError(
+                f"cannot load model {source!r}: not a local path or alias, and the Hugging Face hub is "
+                f"not reachable (offline). Known aliases: {', '.join(assets.MODEL_ASSETS)}"
+            ) from exc
+        raise UsageError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_tokenizer(source: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str = assets.DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
+):
+    """Load ``(model, tokenizer)`` from an alias, local directory, ``.gguf`` file or hub id.
+
+    The architecture is checked from the config before any weights are read, so an
+    unsupported model fails in a second with the list of supported ones.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = resolve_model(spec)
+    config = _load_config(source, gguf_file)
+    arch_spec(config)
+    kwargs = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    if getattr(model, "hf_quantizer", None) is not None and gguf_file:
+        model.hf_quantizer.remove_quantization_config(model)
+    if device is not None and not device_map:
+        model.to(device)
+    model.eval()
+    return model, load_tokenizer(source, gguf_file)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a base model: its config plus a strided sample of every weight.
+
+    Samples are rounded to bf16 before hashing, so the same checkpoint loaded in fp32 or
+    bf16 has the same fingerprint. Used to refuse adapters and plans made for another model.
+    """
+    digest = hashlib.sha256()
+    cfg = model.config.to_dict()
+    for key in ("dtype", "torch_dtype", "use_cache", "transformers_version", "_name_or_path", "architectures"):
+        cfg.pop(key, None)
+    digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,259 @@
+"""Layer plans: the single description of an emulator.
+
+A :class:`LayerPlan` says which of the full model's L layers are kept, which of those are the
+trainable adapter, and (for CRaSh) how layers were clustered. :meth:`LayerPlan.slots` expands it
+into the emulator's layer sequence: for each emulator position, its source layer, whether it
+trains, and which module it is (positions with the same ``module`` share one module). Emulator
+building, training, evaluation and plug-in all read the plan through ``slots``, so they cannot
+disagree about where the adapter sits.
+
+Rules (REFERENCE.md, with the original code's behaviour where it matters):
+
+* uniform (Offsite-Tuning): T/2 bottom + T/2 top layers train; of the M middle layers,
+  n = K - T are kept at ``round(i * (M - 1) / (n - 1))`` (Python's round, as the original).
+* crash: contiguous clusters cut at the K - 1 weakest adjacent-layer similarities (equal to the
+  original greedy merge of the most similar adjacent clusters); each cluster keeps its middle
+  layer ``c[len(c) // 2]``; the kept layers at positions ``ceil(i * (K - 1) / (T - 1))`` train.
+* sharing: every removed position is filled by the nearest kept layer (tie -> higher index).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UsageError
+from .io import read_json, write_json
+
+PLAN_VERSION = 1
+STRATEGIES = ("crash", "uniform", "custom")
+DEFAULT_TRAINABLE = 4
+
+
+def default_k(num_layers: int) -> int:
+    """The paper's emulator size: half the layers, rounded (OPT-1.3B: 24 -> 12)."""
+    return max(1, round(num_layers / 2))
+
+
+def check_k(k: int, num_layers: int, trainable: int) -> None:
+    if not trainable <= k < num_layers:
+        raise UsageError(
+            f"K={k} is out of range for a {num_layers}-layer model with {trainable} trainable layers "
+            f"(need {trainable} <= K < {num_layers})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering
+
+
+def cluster_cuts(adjacent: Sequence[float], k: int) -> list[int]:
+    """Boundaries to cut: the K - 1 lowest adjacent similarities.
+
+    ``adjacent[b]`` is the similarity of layers b and b + 1; cutting at b separates them. Ties
+    are broken as the greedy merge breaks them (it merges the leftmost of equal maxima first,
+    so among equal minima the rightmost boundaries survive as cuts).
+    """
+    order = sorted(range(len(adjacent)), key=lambda b: (adjacent[b], -b))
+    return sorted(order[: k - 1])
+
+
+def contiguous_clusters(adjacent: Sequence[float], k: int) -> list[list[int]]:
+    """Split layers 0..L-1 (L = len(adjacent) + 1) into K contiguous clusters."""
+    num_layers = len(adjacent) + 1
+    if not 1 <= k <= num_layers:
+        raise UsageError(f"K={k} must be between 1 and {num_layers}")
+    bounds = [-1, *cluster_cuts(adjacent, k), num_layers - 1]
+    return [list(range(lo + 1, hi + 1)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def auto_k(adjacent: Sequence[float], trainable: int) -> int:
+    """Pick K at the largest gap of the sorted dissimilarities ``1 - adjacent``.
+
+    Boundaries whose dissimilarity stands clearly above the rest are the natural cuts: sort
+    the dissimilarities in decreasing order and cut before the largest drop between two
+    consecutive values. K is clamped to [trainable, L - 1].
+    """
+    num_layers = len(adjacent) + 1
+    dissim = sorted((1.0 - a for a in adjacent), reverse=True)
+    if len(dissim) < 2:
+        return max(trainable, 1)
+    gaps = [dissim[i] - dissim[i + 1] for i in range(len(dissim) - 1)]
+    cuts = max(range(len(gaps)), key=lambda i: (gaps[i], -i)) + 1
+    return min(max(cuts + 1, trainable), num_layers - 1)
+
+
+def spread_positions(count: int, total: int) -> list[int]:
+    """``ceil(i * (total - 1) / (count - 1))`` for i < count: first, last, evenly in between."""
+    if count == 1:
+        return [0]
+    return [-(-(i * (total - 1)) // (count - 1)) for i in range(count)]
+
+
+def uniform_indices(total: int, keep: int) -> list[int]:
+    """Offsite-Tuning's uniform drop: ``round(i * (total - 1) / (keep - 1))`` for i < keep."""
+    if keep == 1:
+        return [round((total - 1) / 2)]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One emulator position: its source layer, whether it trains, and its module identity.
+
+    ``module`` names the module object: ``adapter.<s>`` (trainable layer s), ``frozen.<s>``
+    (frozen kept layer s) or ``copy.<s>`` (a frozen copy of trainable layer s's pretrained
+    weights). Positions with equal ``module`` share one module.
+    """
+
+    position: int
+    source: int
+    module: str
+
+    @property
+    def trainable(self) -> bool:
+        return self.module.startswith("adapter.")
+
+
+@dataclass
+class LayerPlan:
+    """Which layers an emulator keeps, which of them train, and why (clusters, similarity)."""
+
+    num_layers: int
+    strategy: str
+    kept: list[int]
+    trainable: list[int]
+    clusters: list[list[int]] | None = None
+    similarity: dict | None = None
+    base_fingerprint: str | None = None
+    model: str | None = None
+    version: int = field(default=PLAN_VERSION)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def k(self) -> int:
+        return len(self.kept)
+
+    @property
+    def frozen(self) -> list[int]:
+        return [layer for layer in self.kept if layer not in set(self.trainable)]
+
+    def validate(self) -> None:
+        L = self.num_layers
+        if L < 2:
+            raise UsageError(f"plan: num_layers must be >= 2, got {L}")
+        if self.strategy not in STRATEGIES:
+            raise UsageError(f"plan: unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
+        for name, layers in (("kept", self.kept), ("trainable", self.trainable)):
+            if not layers:
+                raise UsageError(f"plan: {name} is empty")
+            if any(not isinstance(x, int) or not 0 <= x < L for x in layers):
+                raise UsageError(f"plan: {name} has layers outside 0..{L - 1}: {layers}")
+            if len(set(layers)) != len(layers):
+                raise UsageError(f"plan: {name} has duplicate layers: {layers}")
+            if list(layers) != sorted(layers):
+                raise UsageError(f"plan: {name} must be in increasing order: {layers}")
+        if not set(self.trainable) <= set(self.kept):
+            raise UsageError(f"plan: trainable layers {self.trainable} are not all kept {self.kept}")
+        if len(self.kept) >= L:
+            raise UsageError(f"plan: keeps {len(self.kept)} of {L} layers; an emulator must drop at least one")
+        if self.clusters is not None:
+            flat = [x for c in self.clusters for x in c]
+            if flat != list(range(L)):
+                raise UsageError("plan: clusters must be contiguous, non-overlapping and cover every layer in order")
+            if len(self.clusters) != len(self.kept) or any(k not in c for k, c in zip(self.kept, self.clusters)):
+                raise UsageError("plan: each cluster must hold exactly one kept layer, in order")
+
+    def check_base(self, fingerprint: str) -> None:
+        """Refuse to apply a plan made for another base model."""
+        if self.base_fingerprint and self.base_fingerprint != fingerprint:
+            raise UsageError(
+                f"plan was made for another base model (fingerprint {self.base_fingerprint}, this model {fingerprint})"
+            )
+
+    def slots(self, sharing: bool = False, share_trainable: bool = False) -> list[Slot]:
+        """The emulator's layer sequence.
+
+        Without sharing: the kept layers, in order. With sharing: all L positions, each filled by
+        the nearest kept layer (tie -> the higher index). A removed position whose nearest kept
+        layer trains gets a frozen copy of that layer's pretrained weights (``copy.<s>``), as the
+        original CRaSh did, or the trainable module itself with ``share_trainable``.
+        """
+        trainable = set(self.trainable)
+
+        def module(source: int, own: bool) -> str:
+            if source not in trainable:
+                return f"frozen.{source}"
+            return f"adapter.{source}" if own or share_trainable else f"copy.{source}"
+
+        if not sharing:
+            return [Slot(i, s, module(s, True)) for i, s in enumerate(self.kept)]
+        slots = []
+        for position in range(self.num_layers):
+            source = min(self.kept, key=lambda s: (abs(s - position), -s))
+            slots.append(Slot(position, source, module(source, source == position)))
+        return slots
+
+    # -- serialisation -----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["k"] = self.k
+        data["frozen"] = self.frozen
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerPlan":
+        if not isinstance(data, dict):
+            raise UsageError("plan: expected a JSON object")
+        missing = [key for key in ("num_layers", "strategy", "kept", "trainable") if key not in data]
+        if missing:
+            raise UsageError(f"plan: missing keys {', '.join(missing)}")
+        if data.get("version", PLAN_VERSION) > PLAN_VERSION:
+            raise UsageError(f"plan: version {data['version']} is newer than this crashlm understands")
+        fields = ("num_layers", "strategy", "kept", "trainable", "clusters", "similarity", "base_fingerprint", "model")
+        try:
+            return cls(**{key: data[key] for key in fields if key in data})
+        except TypeError as exc:
+            raise UsageError(f"plan: {exc}") from exc
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerPlan":
+        return cls.from_dict(read_json(path, "plan"))
+
+
+def uniform_plan(num_layers: int, k: int | None = None, trainable: int = DEFAULT_TRAINABLE, **meta) -> LayerPlan:
+    """Offsite-Tuning's plan: T/2 bottom + T/2 top layers train, K - T middle layers kept uniformly."""
+    k = default_k(num_layers) if k is None else k
+    check_k(k, num_layers, trainable)
+    bottom, top = trainable // 2, trainable - trainable // 2
+    middle = list(range(bottom, num_layers - top))
+    if k - trainable > len(middle):
+        raise UsageError(f"K={k} keeps more middle layers than the {len(middle)} available")
+    kept_middle = [middle[i] for i in uniform_indices(len(middle), k - trainable)] if k > trainable else []
+    adapter = list(range(bottom)) + list(range(num_layers - top, num_layers))
+    return LayerPlan(num_layers, "uniform", sorted(adapter + kept_middle), adapter, **meta)
+
+
+def crash_plan(
+    adjacent: Sequence[float], k: int | None = None, trainable: int = DEFAULT_TRAINABLE, **meta
+) -> LayerPlan:
+    """CRaSh's plan from the L - 1 similarities between consecutive decoder layers."""
+    num_layers = len(adjacent) + 1
+    k = default_k(num_layers) if k is None else k
+    check_k(k, num_layers, trainable)
+    clusters = contiguous_clusters(adjacent, k)
+    kept = [c[len(c) // 2] for c in clusters]
+    train = [kept[p] for p in spread_positions(trainable, k)]
+    return LayerPlan(num_layers, "crash", kept, train, clusters=clusters, **meta)
+
