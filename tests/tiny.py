@@ -139,7 +139,8 @@ def save_tiny(arch: str, path: str | Path, num_layers: int = 6, **overrides: Any
     return path
 
 
-def batch(tokenizer, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """A right-padded batch of prompts of different lengths (so padding is exercised)."""
+def batch(tokenizer, texts: list[str] | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """A padded batch of prompts of different lengths (so padding is exercised); pad on the
+    left for generation, which continues from the last column."""
     texts = texts or ["The capital of France is", "Water boils at one hundred degrees Celsius"]
-    return dict(tokenizer(texts, return_tensors="pt", padding=True))
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side))

@@ -77,6 +77,21 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise UsageError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
+def read_text_lines(path: str | os.PathLike, what: str = "text file") -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped: one sample per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} not found: {path}")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    samples = [line for line in lines if line]
+    if not samples:
+        raise UsageError(f"{what} {path} has no non-empty line")
+    return samples
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -2,7 +2,7 @@
 
 Everything else in crashlm goes through this module to find a model's decoder layers, final
 norm and unembedding, and to replace the layer stack (drop, reorder, share). Architectures
-differ only in attribute paths, so each is one :class:`ArchSpec` row.
+differ only in attribute paths, so each is one :class:`ArchSpec` row. See docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where one architecture family keeps its parts (dotted attribute paths)."""
+    """Where one architecture family keeps its parts (dotted attribute paths).
+
+    The unembedding is not listed: ``get_output_embeddings()`` finds it on every family and
+    transformers version (GPT-NeoX's ``embed_out`` became ``lm_head`` in transformers 5).
+    A path may resolve to ``None`` on some checkpoints (OPT-350m has no final norm but a
+    ``project_out``; other OPTs the reverse): such parts are skipped.
+    """
 
     layers: str
     final_norm: str | None
-    unembed: str = "lm_head"
     # Extra modules between the final norm and the unembedding (OPT-350m's project_out).
     post_norm: tuple[str, ...] = ()
 
@@ -47,9 +52,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "opt": ArchSpec(layers="model.decoder.layers", final_norm="model.decoder.final_layer_norm",
                     post_norm=("model.decoder.project_out",)),
     "gpt2": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
-    "gpt_neox": ArchSpec(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head"),
+    "gpt_neox": ArchSpec(layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm"),
     "bloom": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
     "phi": ArchSpec(layers="model.layers", final_norm="model.final_layernorm"),
+    # Every Falcon layout (7b multi-query, 40b new_decoder_architecture, rw alibi) shares these paths.
     "falcon": ArchSpec(layers="transformer.h", final_norm="transformer.ln_f"),
 }
 
@@ -102,7 +108,8 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def get_unembed(model: nn.Module) -> nn.Module:
-    return _get_path(model, arch_spec(model).unembed)
+    arch_spec(model)  # same UsageError as the other accessors on an unsupported model
+    return model.get_output_embeddings()
 
 
 def hidden_to_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -133,15 +140,20 @@ def _renumber(layer: nn.Module, index: int) -> None:
 
 
 def set_layers(model: nn.Module, layers: Sequence[nn.Module], sources: Sequence[int]) -> None:
-    """Replace the decoder stack with ``layers``; ``sources[i]`` is the original index of ``layers[i]``.
+    """Replace the decoder stack with ``layers``; ``sources[i]`` is the index of ``layers[i]`` in the current stack.
 
     Renumbers each attention module's ``layer_idx`` (KV-cache slots), and updates
-    ``config.num_hidden_layers`` and per-layer config lists (``layer_types``) so generation and
-    save/reload work. A module that appears at several positions (sharing) keeps one
-    ``layer_idx``, so such models must run with ``use_cache=False``; callers that share set it.
+    ``config.num_hidden_layers`` and per-layer config lists (``layer_types``: which layers use
+    sliding-window attention, read by the model to pick each layer's mask) so generation and
+    save/reload work. A module that appears at several positions (sharing) can hold only one
+    ``layer_idx``, so its positions would overwrite each other's KV cache: the model's
+    ``use_cache`` is turned off, and generation recomputes the whole prefix at every step.
     """
     if len(layers) != len(sources):
         raise ValueError("layers and sources must have the same length")
+    current = len(get_layers(model))
+    if any(not 0 <= s < current for s in sources):
+        raise ValueError(f"sources must index the current {current} layers, got {list(sources)}")
     config = model.config
     layer_types = getattr(config, "layer_types", None)
     seen: set[int] = set()
@@ -150,7 +162,7 @@ def set_layers(model: nn.Module, layers: Sequence[nn.Module], sources: Sequence[
             _renumber(layer, position)
             seen.add(id(layer))
     _set_path(model, arch_spec(model).layers, nn.ModuleList(layers))
-    if layer_types is not None and len(layer_types) > max(sources, default=-1):
+    if layer_types is not None and len(layer_types) == current:
         config.layer_types = [layer_types[s] for s in sources]
     config.num_hidden_layers = len(layers)
     if len(seen) != len(layers):
@@ -172,8 +184,10 @@ def capture_layer_io(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     states: list[torch.Tensor] = []
 
     def pre_hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        states.append(hidden)
+        # Layer 0's module may also sit at later positions (sharing): only its first call of a
+        # forward pass sees the embedding output, and it comes after a multiple of L + 1 states.
+        if len(states) % (len(layers) + 1) == 0:
+            states.append(args[0] if args else kwargs["hidden_states"])
 
     def post_hook(_module, _args, output):
         states.append(output[0] if isinstance(output, (tuple, list)) else output)

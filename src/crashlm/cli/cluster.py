@@ -1,0 +1,97 @@
+"""``crashlm cluster``: a CRaSh or uniform layer plan for a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .. import plans
+from ..assets import DEFAULT_MODEL
+from ..errors import UsageError
+from . import app
+from ._common import console, positive
+
+SIMILARITY_SOURCES = ("cka", "lens")
+
+
+@app.command()
+def cluster(
+    out: Path = typer.Option(..., "--out", help="Output directory (plan.json, clusters.png)."),
+    model: str = typer.Option(None, "--model", help=f"Model (alias, HF dir, .gguf, hub id). Default: the similarity file's model, else {DEFAULT_MODEL}."),
+    k: int = typer.Option(None, "--k", help="Number of kept layers K. Default: half the layers, rounded (the paper's emulator size)."),
+    strategy: str = typer.Option("crash", "--strategy", help="crash (cluster by similarity) or uniform (Offsite-Tuning drop)."),
+    trainable: int = typer.Option(plans.DEFAULT_TRAINABLE, "--trainable", help="Number of trainable (adapter) layers."),
+    auto: bool = typer.Option(False, "--auto", help="Pick K at the largest gap of the adjacent-layer dissimilarities."),
+    similarity: Path = typer.Option(None, "--similarity", help="A similarity.json from `crashlm similarity` (else computed)."),
+    similarity_source: str = typer.Option("cka", "--similarity-source", help="cka (linear CKA) or lens (1 - normalised JS divergence of logit-lens distributions)."),
+    task: str = typer.Option("piqa", "--task", help="Task whose validation examples drive the similarity."),
+    samples: int = typer.Option(512, "--samples", help="Number of examples for the similarity."),
+    pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Forward batch size."),
+) -> None:
+    """Cluster layers by similarity and keep one per cluster (CRaSh), or drop uniformly (OFT)."""
+    from ..models import fingerprint, load_model, num_layers
+
+    if strategy not in ("crash", "uniform"):
+        raise UsageError(f"unknown strategy {strategy!r}; choose crash or uniform")
+    if similarity_source not in SIMILARITY_SOURCES:
+        raise UsageError(f"unknown similarity source {similarity_source!r}; choose {' or '.join(SIMILARITY_SOURCES)}")
+    positive(k, "--k")
+    positive(trainable, "--trainable", allow_none=False)
+    positive(samples, "--samples", allow_none=False)
+    if auto and k is not None:
+        raise UsageError("give either --k or --auto, not both")
+
+    sim = None
+    if strategy == "crash" and similarity is not None:
+        from ..similarity import SimilarityResult
+
+        sim = SimilarityResult.load(similarity)
+    model_spec = model or (sim.model if sim else DEFAULT_MODEL)
+    full_model, tokenizer = load_model(model_spec)
+    depth = num_layers(full_model)
+    meta = {"base_fingerprint": fingerprint(full_model), "model": model_spec}
+    if k is not None:
+        plans.check_k(k, depth, trainable)  # fail before any long computation
+
+    if strategy == "uniform":
+        if auto:
+            raise UsageError("--auto needs a similarity profile; it applies to --strategy crash")
+        plan = plans.uniform_plan(depth, k, trainable, **meta)
+        matrix = None
+    else:
+        if sim is not None:
+            if sim.num_layers != depth:
+                raise UsageError(f"{similarity} describes {sim.num_layers} layers but {model_spec} has {depth}")
+            adjacent, matrix, settings = sim.adjacent_layers, sim.cka, {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
+        elif similarity_source == "lens":
+            from ..divergence import adjacent_similarity, compute_divergence
+            from ..tasks import load_examples
+
+            texts = [ex.text for ex in load_examples(task, "validation", limit=samples)]
+            result = compute_divergence(full_model, tokenizer, texts, batch_size=batch_size)
+            adjacent, matrix = adjacent_similarity(result, "js"), None
+            settings = {"source": "lens", "measure": "js", "task": task, "samples": len(texts)}
+        else:
+            from ..similarity import compute_similarity
+
+            del full_model  # compute_similarity loads its own copy
+            sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size)
+            adjacent, matrix = sim.adjacent_layers, sim.cka
+            settings = {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
+        if auto:
+            k = plans.auto_k(adjacent, trainable)
+        plan = plans.crash_plan(adjacent, k, trainable, similarity=settings, **meta)
+
+    from ..plotting import plot_clusters
+
+    if sim is not None and similarity is None:
+        sim.save(out)
+    plan.save(out / "plan.json")
+    plot_clusters(plan, out / "clusters.png", matrix=matrix)
+    console.print(f"{plan.strategy} plan for {model_spec}: {depth} layers -> K={plan.k} kept")
+    if plan.clusters:
+        console.print("clusters: " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in plan.clusters))
+    console.print(f"trainable: {plan.trainable}\nfrozen:    {plan.frozen}")
+    console.print(f"wrote {out / 'plan.json'} and {out / 'clusters.png'}")

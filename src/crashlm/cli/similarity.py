@@ -1,0 +1,97 @@
+"""``crashlm similarity``: layer-by-layer CKA of one model, or of several side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..assets import DEFAULT_MODEL
+from ..errors import UsageError
+from ..io import read_text_lines
+from ..plotting import layer_labels, plot_adjacent_cka, plot_cka_grid, plot_cka_heatmap
+from ..similarity import ESTIMATORS, POOLINGS, SimilarityResult, compute_similarity
+from . import app
+from ._common import console, parse_dtype, parse_list
+
+DTYPE_CHOICES = ("float32", "bfloat16")
+
+
+def _model_name(spec: str) -> str:
+    """A directory name for a model spec: the alias, or the last path / hub-id component."""
+    path = Path(spec)
+    return path.stem if path.suffix == ".gguf" else (path.name or spec)
+
+
+def _summary(result: SimilarityResult) -> str:
+    labels = layer_labels(result.num_layers)
+    pairs = {f"{labels[i]}-{labels[i + 1]}": value for i, value in enumerate(result.adjacent)}
+    most = max(pairs, key=pairs.get)
+    least = min(pairs, key=pairs.get)
+    mean = sum(result.adjacent) / len(result.adjacent)
+    return (
+        f"{result.model}: {result.num_layers} layers, {result.samples} samples; adjacent CKA mean {mean:.3f}, "
+        f"most similar {most} ({pairs[most]:.3f}), least similar {least} ({pairs[least]:.3f})"
+    )
+
+
+@app.command()
+def similarity(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Model alias, local HF directory, .gguf file or hub id."),
+    models: Optional[str] = typer.Option(
+        None, "--models", help="Comma-separated models compared side by side (replaces --model); each writes OUT/<name>/."
+    ),
+    task: str = typer.Option("piqa", "--task", help="Task whose validation examples (context + gold answer) are the samples."),
+    text: Optional[Path] = typer.Option(
+        None, "--text", help="UTF-8 text file, one sample per non-empty line (used instead of --task)."
+    ),
+    samples: int = typer.Option(512, "--samples", help="Number of text samples (at least 4)."),
+    pooling: str = typer.Option("mean_weighted", "--pooling", help=f"Token pooling: {', '.join(POOLINGS)}."),
+    estimator: Optional[str] = typer.Option(
+        None, "--estimator", help=f"HSIC estimator: {', '.join(ESTIMATORS)} (default biased; unbiased with --minibatch)."
+    ),
+    minibatch: Optional[int] = typer.Option(
+        None, "--minibatch", help="Minibatch CKA with this many samples per batch (memory bounded by it)."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="Texts per forward pass."),
+    dtype: str = typer.Option("float32", "--dtype", help=f"Weights / autocast dtype: {', '.join(DTYPE_CHOICES)}."),
+    max_length: int = typer.Option(512, "--max-length", help="Truncate texts to this many tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda if available, else cpu)."),
+    out: Path = typer.Option(Path("runs/similarity"), "--out", help="Output directory."),
+) -> None:
+    """Linear CKA between every pair of layers: similarity.json, cka_heatmap.png, adjacent_cka.png."""
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    specs = parse_list(models, "--models") if models is not None else [model]
+    names = [_model_name(spec) for spec in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--models gives two models the same output name: {', '.join(names)}")
+    texts = read_text_lines(text, "--text file") if text is not None else None
+    settings = dict(
+        task=f"text:{text.name}" if text is not None else task,
+        texts=texts,
+        samples=samples,
+        pooling=pooling,
+        estimator=estimator or ("unbiased" if minibatch is not None else "biased"),
+        minibatch=minibatch,
+        batch_size=batch_size,
+        dtype=parse_dtype(dtype),
+        device=device,
+        max_length=max_length,
+    )
+    # Everything is computed before anything is written: a failure leaves no partial output.
+    results = [compute_similarity(spec, **settings) for spec in specs]
+
+    for name, result in zip(names, results):
+        target = out if len(results) == 1 else out / name
+        written = [
+            result.save(target),
+            plot_cka_heatmap(result, target / "cka_heatmap.png"),
+            plot_adjacent_cka(result, target / "adjacent_cka.png"),
+        ]
+        console.print(_summary(result), markup=False, highlight=False, soft_wrap=True)
+        console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False, soft_wrap=True)
+    if len(results) > 1:
+        grid = plot_cka_grid(results, out / "cka_grid.png")
+        console.print(f"wrote {grid}", markup=False, highlight=False, soft_wrap=True)

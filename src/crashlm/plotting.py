@@ -1,0 +1,167 @@
+"""Figures for crashlm's analyses, saved atomically (temp name + rename) with the Agg backend."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .io import atomic_path  # noqa: E402
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Save ``fig`` to ``path`` (format from its suffix, default png) atomically, then close it."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer similarity (CKA)
+
+
+def layer_labels(num_layers: int) -> list[str]:
+    """Axis labels of an (L + 1)-state layer axis: "emb" then layers 1..L."""
+    return ["emb", *(str(i) for i in range(1, num_layers + 1))]
+
+
+def _as_cka_matrix(result_or_matrix) -> np.ndarray:
+    if hasattr(result_or_matrix, "cka"):
+        return np.asarray(result_or_matrix.cka, dtype=np.float64)
+    if hasattr(result_or_matrix, "detach"):  # a torch tensor
+        result_or_matrix = result_or_matrix.detach().cpu().numpy()
+    return np.asarray(result_or_matrix, dtype=np.float64)
+
+
+def _draw_cka(ax: matplotlib.axes.Axes, matrix: np.ndarray, title: str) -> matplotlib.image.AxesImage:
+    """One CKA heatmap on ``ax`` (fixed 0..1 colour scale, so panels compare), layer 0 at top left."""
+    labels = layer_labels(matrix.shape[0] - 1)
+    image = ax.imshow(matrix, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    stride = max(1, math.ceil(len(labels) / 16))
+    ticks = list(range(0, len(labels), stride))
+    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90)
+    ax.set_yticks(ticks, [labels[t] for t in ticks])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    return image
+
+
+def _result_title(result) -> str:
+    return f"{Path(result.model).name} on {result.task}\nlinear CKA ({result.estimator}, {result.pooling} pooling)"
+
+
+def plot_cka_heatmap(result_or_matrix, path: str | Path, title: str | None = None) -> Path:
+    """(L + 1) x (L + 1) CKA heatmap of a :class:`~crashlm.similarity.SimilarityResult` or a matrix."""
+    matrix = _as_cka_matrix(result_or_matrix)
+    if title is None:
+        title = _result_title(result_or_matrix) if hasattr(result_or_matrix, "model") else "linear CKA"
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = _draw_cka(ax, matrix, title)
+    fig.colorbar(image, ax=ax, label="CKA")
+    return save_figure(fig, path)
+
+
+def plot_adjacent_cka(result, path: str | Path) -> Path:
+    """CKA between each state and the next (emb-1, 1-2, ...): dips are natural cluster boundaries."""
+    labels = layer_labels(result.num_layers)
+    pairs = [f"{labels[i]}-{labels[i + 1]}" for i in range(result.num_layers)]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.22 * len(pairs)), 3.6))
+    ax.plot(range(len(pairs)), result.adjacent, marker="o", markersize=3)
+    stride = max(1, math.ceil(len(pairs) / 32))
+    ax.set_xticks(range(0, len(pairs), stride), pairs[::stride], rotation=90)
+    ax.set_xlabel("adjacent layers")
+    ax.set_ylabel("CKA")
+    ax.set_ylim(min(0.0, min(result.adjacent)), 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{Path(result.model).name} on {result.task}: adjacent-layer CKA")
+    return save_figure(fig, path)
+
+
+def plot_cka_grid(results: list, path: str | Path) -> Path:
+    """CKA heatmaps of several models side by side on one colour scale (modular structure vs size)."""
+    if not results:
+        raise ValueError("plot_cka_grid needs at least one result")
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        image = _draw_cka(ax, _as_cka_matrix(result), f"{Path(result.model).name} ({result.num_layers} layers)")
+    fig.colorbar(image, ax=list(axes[0]), label="CKA", shrink=0.9)
+    first = results[0]
+    fig.suptitle(f"linear CKA between layers on {first.task} ({first.estimator}, {first.pooling})")
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer plans
+
+
+def plot_clusters(plan, path: str | Path, matrix=None, title: str | None = None) -> Path:
+    """A plan over the layer-similarity heatmap: cluster boxes, kept layers marked.
+
+    ``matrix`` is the (L + 1) x (L + 1) similarity (embeddings first) when the plan came from
+    one; without it only the layer strip is drawn. Trainable kept layers are marked with a
+    filled circle, frozen kept layers with a hollow one.
+    """
+    from matplotlib.patches import Rectangle
+
+    L = plan.num_layers
+    fig, (ax, strip) = plt.subplots(
+        2, 1, figsize=(6.4, 7.0), gridspec_kw={"height_ratios": [6, 1]}, constrained_layout=True
+    )
+    if matrix is not None:
+        image = _draw_cka(ax, _as_cka_matrix(matrix), title or f"{plan.strategy} plan, K={plan.k}")
+        fig.colorbar(image, ax=ax, label="similarity")
+        for cluster in plan.clusters or []:
+            # Layer l sits at index l + 1 (index 0 is the embedding output).
+            lo, size = cluster[0] + 1, len(cluster)
+            ax.add_patch(Rectangle((lo - 0.5, lo - 0.5), size, size, fill=False, edgecolor="cyan", linewidth=1.5))
+    else:
+        ax.axis("off")
+    for cluster in plan.clusters or [[layer] for layer in range(L)]:
+        strip.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color="0.85" if cluster[0] % 2 else "0.7", linewidth=0)
+    trainable = set(plan.trainable)
+    strip.scatter(plan.trainable, [0] * len(plan.trainable), s=60, color="crimson", label="trainable (adapter)", zorder=3)
+    frozen = [layer for layer in plan.kept if layer not in trainable]
+    strip.scatter(frozen, [0] * len(frozen), s=60, facecolors="none", edgecolors="navy", label="frozen (emulator)", zorder=3)
+    strip.set_xlim(-0.5, L - 0.5)
+    strip.set_yticks([])
+    strip.set_xlabel("layer (0-based); shaded bands are clusters")
+    strip.legend(loc="upper center", bbox_to_anchor=(0.5, -0.6), ncol=2, frameon=False)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Offsite-tuning table
+
+
+def plot_offsite_table(table: dict, path: str | Path) -> Path:
+    """Grouped bars: one group per task (plus the average), one bar per table row."""
+    tasks = list(table["tasks"])
+    rows = table["rows"]
+    groups = tasks + ["average"]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.6 * len(groups) + 0.25 * len(rows)), 4.4))
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(2, len(rows))))
+    for i, row in enumerate(rows):
+        values = [row["scores"].get(t, np.nan) for t in tasks] + [row["average"] if row["average"] is not None else np.nan]
+        errors = [row.get("spread", {}).get(t, 0.0) for t in tasks] + [0.0]
+        x = np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(x, 100 * np.asarray(values, dtype=float), width, yerr=100 * np.asarray(errors), label=row["name"],
+               color=colours[i], capsize=2)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"Offsite-tuning on {Path(str(table['model'])).name}")
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -1,0 +1,401 @@
+"""Layer similarity: pooled hidden states of every layer, compared with linear CKA.
+
+CRaSh clusters layers by how similar their representations are. Each example is pooled to one
+vector per layer (embedding output plus every decoder layer output), and every pair of layers
+is compared with linear CKA (Kornblith et al. 2019):
+
+    HSIC(X, Y) = <H K H, H L H>_F,  K = X X^T, L = Y Y^T, H = I - 11^T / n
+    CKA(X, Y)  = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))
+
+The original code builds H explicitly and recomputes H K H for every pair (O(n^3) per pair).
+Here each layer's centred Gram matrix is built once and all M x M HSICs come from one matrix
+product of the flattened grams, in float64. Two estimators are offered: the biased one of the
+original paper, and the unbiased HSIC_1 of Song et al. (2012), which also drives minibatch CKA
+(Nguyen, Raghu & Kornblith 2021): averaging HSIC_1 over fixed-size batches gives CKA over any
+number of samples with memory bounded by the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .assets import DEFAULT_MODEL
+from .errors import RunFailure, UsageError
+from .io import read_json, write_json
+from .models import capture_layer_io, default_device, load_model
+
+POOLINGS = ("mean", "mean_weighted", "last", "max")
+ESTIMATORS = ("biased", "unbiased")
+# HSIC_1 divides by n (n - 3) and (n - 1)(n - 2): it needs at least four samples.
+MIN_SAMPLES = 4
+RESULT_FILE = "similarity.json"
+
+
+def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
+    """Pool ``hidden`` [B, T, D] over its real tokens to [B, D] (float32), for either padding side.
+
+    ``mean_weighted`` is SGPT's position-weighted mean: the k-th real token weighs k, so later
+    tokens, which have seen more context in a causal model, count more. Weights count real
+    tokens (a cumulative sum of the mask), so left padding gives the same weights as right.
+    """
+    _check_choice(method, POOLINGS, "pooling")
+    mask = attention_mask.to(device=hidden.device, dtype=torch.bool)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every sequence needs at least one real (non-pad) token")
+    hidden = hidden.float()
+    if method == "max":
+        return hidden.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+    if method == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * mask).argmax(dim=1)  # the highest real position
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = mask.float()
+    if method == "mean_weighted":
+        weights = weights.cumsum(dim=1) * weights
+    weights = weights / weights.sum(dim=1, keepdim=True)
+    return torch.einsum("bt,btd->bd", weights, hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming collection of pooled states
+
+
+@torch.no_grad()
+def iter_pooled_states(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    pooling: str = "mean_weighted",
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    max_length: int = 512,
+) -> Iterator[torch.Tensor]:
+    """Yield, per batch of texts, the pooled residual states [L + 1, B, D] (float32, CPU).
+
+    Index 0 is the embedding output, index l the output of decoder layer l (1-based). Only one
+    batch's token states are alive at a time. The base model is called (no LM head): logits
+    over the vocabulary for every token would cost more memory than all the layer states.
+    """
+    _check_choice(pooling, POOLINGS, "pooling")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    base = getattr(model, "base_model", model)
+    for start in tqdm(range(0, len(texts), batch_size), desc="hidden states", unit="batch"):
+        batch = tokenizer(
+            list(texts[start : start + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+        ).to(device)
+        with capture_layer_io(model) as states, autocast:
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        pooled = [pool_hidden(state, batch["attention_mask"], pooling) for state in states]
+        yield torch.stack(pooled).cpu()
+
+
+def collect_pooled_states(*args, **kwargs) -> torch.Tensor:
+    """All pooled states [L + 1, N, D]: :func:`iter_pooled_states` concatenated over batches."""
+    return torch.cat(list(iter_pooled_states(*args, **kwargs)), dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CKA
+
+
+def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: str) -> torch.Tensor:
+    """Centred linear Gram matrices [M, N, N] (float64) of M feature sets [N, D_m].
+
+    Biased: H K H, computed as (HX)(HX)^T by subtracting the feature means (no n x n H).
+    Unbiased: the HSIC_1 centring of Kornblith et al.'s reference code: zero the diagonal,
+    subtract adjusted row/column means, zero the diagonal again; then
+    <K~, L~>_F = n (n - 3) HSIC_1(K, L).
+    """
+    _check_choice(estimator, ESTIMATORS, "CKA estimator")
+    if len(features) == 0:
+        raise ValueError("need at least one feature set")
+    n = features[0].shape[0]
+    if any(x.dim() != 2 or x.shape[0] != n for x in features):
+        raise ValueError("every feature set must be a matrix [N, D] with the same N")
+    minimum = MIN_SAMPLES if estimator == "unbiased" else 2
+    if n < minimum:
+        raise ValueError(f"the {estimator} estimator needs at least {minimum} samples, got {n}")
+    grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)
+    for gram, x in zip(grams, features):
+        x = x.to(torch.float64)
+        if estimator == "biased":
+            x = x - x.mean(dim=0)
+        torch.matmul(x, x.T, out=gram)
+    if estimator == "unbiased":
+        diagonals = grams.diagonal(dim1=1, dim2=2)
+        diagonals.zero_()
+        means = grams.sum(dim=1) / (n - 2)
+        means -= means.sum(dim=1, keepdim=True) / (2 * (n - 1))
+        grams -= means[:, :, None]
+        grams -= means[:, None, :]
+        diagonals.zero_()
+    return grams
+
+
+def hsic_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased") -> torch.Tensor:
+    """HSIC of every pair of M feature sets [N, D_m], as an [M, M] float64 matrix.
+
+    Biased: HSIC_0 = <HKH, HLH> / (n - 1)^2. Unbiased: HSIC_1 (Song et al. 2012). All pairs
+    come from one product of the flattened centred grams, [M, N*N] @ [N*N, M].
+    """
+    grams = _centred_grams(features, estimator)
+    n = grams.shape[1]
+    flat = grams.reshape(grams.shape[0], -1)
+    scale = (n - 1) ** 2 if estimator == "biased" else n * (n - 3)
+    return (flat @ flat.T) / scale
+
+
+def _normalise(hsic: torch.Tensor) -> torch.Tensor:
+    """CKA from HSIC: HSIC_xy / sqrt(HSIC_xx HSIC_yy); NaN where a layer has no variance."""
+    norms = hsic.diagonal().sqrt()
+    return hsic / (norms[:, None] * norms[None, :])
+
+
+def cka_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased") -> torch.Tensor:
+    """Linear CKA of every pair of M feature sets ([M, N, D] or M matrices [N, D_m]) -> [M, M]."""
+    return _normalise(hsic_matrix(features, estimator))
+
+
+def cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased") -> float:
+    """Linear CKA of two feature matrices [N, D_x] and [N, D_y]."""
+    return float(cka_matrix([x, y], estimator)[0, 1])
+
+
+class MinibatchCKA:
+    """Minibatch CKA (Nguyen, Raghu & Kornblith 2021): CKA of means of per-batch HSIC_1.
+
+    HSIC_1 is unbiased, so its average over batches estimates the full-data HSIC whatever the
+    batch size; the biased estimator would not (its bias depends on the batch size). Memory is
+    that of one batch's grams, [M, B, B] float64.
+    """
+
+    def __init__(self) -> None:
+        self._hsic_sum: torch.Tensor | None = None
+        self.batches = 0
+        self.samples = 0
+
+    def update(self, features: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Add one batch: [M, B, D] (or M matrices [B, D_m]), B >= 4."""
+        hsic = hsic_matrix(features, "unbiased")
+        self._hsic_sum = hsic if self._hsic_sum is None else self._hsic_sum + hsic
+        self.batches += 1
+        self.samples += features[0].shape[0]
+
+    def compute(self) -> torch.Tensor:
+        if self._hsic_sum is None:
+            raise ValueError("MinibatchCKA.compute() before any update()")
+        return _normalise(self._hsic_sum / self.batches)
+
+
+def rebatch(chunks: Iterable[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """Regroup chunks [M, b_i, D] along the sample axis into batches of exactly ``size`` samples.
+
+    The last batch holds the remainder (possibly fewer). At most one batch plus one chunk is
+    held at a time.
+    """
+    pending: list[torch.Tensor] = []
+    count = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        count += chunk.shape[1]
+        while count >= size:
+            merged = torch.cat(pending, dim=1)
+            yield merged[:, :size]
+            rest = merged[:, size:]
+            pending, count = ([rest] if rest.shape[1] else []), rest.shape[1]
+    if count:
+        yield torch.cat(pending, dim=1)
+
+
+def minibatch_cka(chunks: Iterable[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Minibatch CKA [M, M] over streamed chunks [M, b_i, D], re-batched to ``batch_size``.
+
+    A last partial batch of fewer than 4 samples is dropped (HSIC_1 is undefined there);
+    a partial batch of 4 or more counts like any other.
+    """
+    if batch_size < MIN_SAMPLES:
+        raise UsageError(f"minibatch size must be at least {MIN_SAMPLES}, got {batch_size}")
+    accumulator = MinibatchCKA()
+    for batch in rebatch(chunks, batch_size):
+        if batch.shape[1] >= MIN_SAMPLES:
+            accumulator.update(batch)
+    return accumulator.compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class SimilarityResult:
+    """Layer-by-layer CKA of one model on one text set.
+
+    ``cka`` is (L + 1) x (L + 1): index 0 is the embedding output, index l the output of
+    decoder layer l (1-based). ``adjacent[i] = cka[i][i + 1]`` for i = 0..L-1 (embeddings vs
+    layer 1 first).
+    """
+
+    model: str
+    task: str
+    samples: int
+    pooling: str
+    estimator: str
+    minibatch: int | None
+    num_layers: int
+    cka: list[list[float]]
+    adjacent: list[float]
+    dtype: str = "float32"
+    max_length: int = 512
+
+    @property
+    def adjacent_layers(self) -> list[float]:
+        """The L - 1 CKAs between consecutive decoder layers, 0-based: entry b compares layers
+        b and b + 1 (the input of layer clustering)."""
+        return self.adjacent[1:]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return torch.tensor(self.cka, dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SimilarityResult":
+        """Build from a dict, checking fields, types and the matrix shape (UsageError if bad)."""
+        if not isinstance(data, dict):
+            raise UsageError("a similarity result must be a JSON object")
+        required = ("model", "task", "samples", "pooling", "estimator", "minibatch", "num_layers", "cka", "adjacent")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise UsageError(f"similarity result lacks {', '.join(missing)}")
+        num_layers = data["num_layers"]
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise UsageError(f"num_layers must be a positive integer, got {num_layers!r}")
+        size = num_layers + 1
+        matrix = data["cka"]
+        if (
+            not isinstance(matrix, list)
+            or len(matrix) != size
+            or any(not isinstance(row, list) or len(row) != size for row in matrix)
+        ):
+            raise UsageError(f"cka must be a {size} x {size} matrix for {num_layers} layers")
+        adjacent = data["adjacent"]
+        if not isinstance(adjacent, list) or len(adjacent) != num_layers:
+            raise UsageError(f"adjacent must hold {num_layers} values")
+        values = [v for row in matrix for v in row] + adjacent
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            raise UsageError("cka and adjacent must hold finite numbers")
+        known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        return cls(**known)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/similarity.json`` atomically."""
+        return write_json(Path(out_dir) / RESULT_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SimilarityResult":
+        """Read a ``similarity.json`` (or the directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RESULT_FILE
+        data = read_json(path, "similarity file")
+        try:
+            return cls.from_dict(data)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_positive(value: int, what: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def compute_similarity(
+    model_spec: str = DEFAULT_MODEL,
+    task: str = "piqa",
+    texts: Sequence[str] | None = None,
+    samples: int = 512,
+    pooling: str = "mean_weighted",
+    estimator: str = "biased",
+    minibatch: int | None = None,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    max_length: int = 512,
+) -> SimilarityResult:
+    """Layer-by-layer CKA of ``model_spec`` on the first ``samples`` texts.
+
+    Texts are ``texts`` when given (``task`` is then only a label), else the validation
+    examples of ``task`` rendered as context + gold answer. ``minibatch`` switches to
+    minibatch CKA with that batch size, which requires the unbiased estimator. ``dtype``
+    is the weights' and autocast dtype.
+    """
+    _check_choice(pooling, POOLINGS, "pooling")
+    _check_choice(estimator, ESTIMATORS, "CKA estimator")
+    _check_positive(samples, "samples", MIN_SAMPLES)
+    _check_positive(batch_size, "batch size")
+    _check_positive(max_length, "max length")
+    if minibatch is not None:
+        _check_positive(minibatch, "minibatch size", MIN_SAMPLES)
+        if estimator != "unbiased":
+            raise UsageError("minibatch CKA needs the unbiased estimator (biased HSIC does not average over batches)")
+    if texts is None:
+        from .tasks import load_examples
+
+        texts = [example.text for example in load_examples(task, split="validation", limit=samples)]
+    texts = list(texts)[:samples]
+    if any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise UsageError("every text sample must be a non-empty string")
+    if len(texts) < MIN_SAMPLES:
+        raise UsageError(f"CKA needs at least {MIN_SAMPLES} text samples, got {len(texts)}")
+
+    device = torch.device(device) if device is not None else default_device()
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    chunks = iter_pooled_states(model, tokenizer, texts, pooling, batch_size, dtype, device, max_length)
+    if minibatch is None:
+        matrix = cka_matrix(torch.cat(list(chunks), dim=1), estimator)
+    else:
+        matrix = minibatch_cka(chunks, minibatch)
+    if not bool(torch.isfinite(matrix).all()):
+        raise RunFailure("CKA is undefined: some layer's pooled states do not vary across samples")
+    num_layers = matrix.shape[0] - 1
+    return SimilarityResult(
+        model=model_spec,
+        task=task,
+        samples=len(texts),
+        pooling=pooling,
+        estimator=estimator,
+        minibatch=minibatch,
+        num_layers=num_layers,
+        cka=matrix.tolist(),
+        adjacent=[float(matrix[i, i + 1]) for i in range(num_layers)],
+        dtype=str(dtype).removeprefix("torch."),
+        max_length=max_length,
+    )
