@@ -34,7 +34,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     import importlib
 
-    for name in ("setup", "tasks", "similarity", "cluster", "offsite", "lens", "landscape", "report"):
+    for name in ("setup", "tasks", "similarity", "cluster", "table", "offsite", "lens", "landscape", "report"):
         try:
             importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:

@@ -27,7 +27,7 @@ def tasks(
     rows = task_registry.summary(data_source)
     table = Table("task", "splits (size)", "eval split", "licence", "hub dataset" if data_source == "hub" else "description")
     for row in rows:
-        splits = "\n".join(f"{name} {size if size is not None else '?'}" for name, size in row["splits"].items())
+        splits = "\n".join(name if size is None else f"{name} {size}" for name, size in row["splits"].items())
         # Text cells: rich would read brackets in free text as markup.
         last = row["source"] if data_source == "hub" else row["description"]
         table.add_row(row["task"], splits, row["eval_split"], row["licence"], Text(last))
