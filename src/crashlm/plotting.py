@@ -116,10 +116,10 @@ def plot_clusters(plan, path: str | Path, matrix=None, title: str | None = None)
     from matplotlib.patches import Rectangle
 
     L = plan.num_layers
-    fig, (ax, strip) = plt.subplots(
-        2, 1, figsize=(6.4, 7.0), gridspec_kw={"height_ratios": [6, 1]}, constrained_layout=True
-    )
     if matrix is not None:
+        fig, (ax, strip) = plt.subplots(
+            2, 1, figsize=(6.4, 7.0), gridspec_kw={"height_ratios": [6, 1]}, constrained_layout=True
+        )
         image = _draw_cka(ax, _as_cka_matrix(matrix), title or f"{plan.strategy} plan, K={plan.k}")
         fig.colorbar(image, ax=ax, label="similarity")
         for cluster in plan.clusters or []:
@@ -127,9 +127,10 @@ def plot_clusters(plan, path: str | Path, matrix=None, title: str | None = None)
             lo, size = cluster[0] + 1, len(cluster)
             ax.add_patch(Rectangle((lo - 0.5, lo - 0.5), size, size, fill=False, edgecolor="cyan", linewidth=1.5))
     else:
-        ax.axis("off")
-    for cluster in plan.clusters or [[layer] for layer in range(L)]:
-        strip.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color="0.85" if cluster[0] % 2 else "0.7", linewidth=0)
+        fig, strip = plt.subplots(figsize=(6.4, 1.8), constrained_layout=True)
+        strip.set_title(title or f"{plan.strategy} plan, K={plan.k}")
+    for index, cluster in enumerate(plan.clusters or [[layer] for layer in range(L)]):
+        strip.axvspan(cluster[0] - 0.5, cluster[-1] + 0.5, color="0.85" if index % 2 else "0.7", linewidth=0)
     trainable = set(plan.trainable)
     strip.scatter(plan.trainable, [0] * len(plan.trainable), s=60, color="crimson", label="trainable (adapter)", zorder=3)
     frozen = [layer for layer in plan.kept if layer not in trainable]

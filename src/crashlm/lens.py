@@ -1,0 +1,515 @@
+"""Layer lenses: what each layer's residual state would predict as the next token.
+
+The **logit lens** decodes every residual state the way the model decodes its last one:
+final norm, then unembedding (:func:`crashlm.models.hidden_to_logits`; the original CRaSh code
+skipped the norm, which makes early layers look far worse than they are). The **tuned lens**
+(Belrose et al. 2023) first maps each state through a learned affine translator, trained so
+the decoded distribution matches the model's final one.
+
+States are numbered like :func:`crashlm.models.capture_layer_io`: S = L + 1 states, index 0 is
+the embedding output and index l the output of decoder layer l. For an emulator, the layers are
+its positions. A :class:`TunedLens` has L translators, one per state 0..L-1; the last state is
+the model's own output and is decoded as is (identity translator), so at the last layer every
+lens equals the model's logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import RunFailure, UsageError
+from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .models import capture_layer_io, get_layers, hidden_to_logits
+from .scoring import IGNORE_INDEX
+
+LENS_KINDS = ("logit", "tuned")
+LENS_FORMAT = "crashlm-tuned-lens"
+LENS_VERSION = 1
+LENS_WEIGHTS = "lens.safetensors"
+LENS_META = "lens.json"
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def state_labels(num_layers: int) -> list[str]:
+    """Names of the L + 1 states: "emb" then layers 1..L."""
+    return ["emb", *(str(i) for i in range(1, num_layers + 1))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual states of real tokens
+
+
+@dataclass
+class TokenStates:
+    """The residual states of one batch's real (non-pad) tokens, flattened over the batch.
+
+    ``states`` is [S, N, D] for the N real tokens; ``targets[n]`` is the id of the token that
+    follows token n in its text, or ``IGNORE_INDEX`` for the last token of a text.
+    """
+
+    states: torch.Tensor
+    targets: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.states.shape[1]
+
+
+@torch.no_grad()
+def token_states(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512) -> TokenStates:
+    """Run ``model`` on ``texts`` and keep the S residual states of every real token.
+
+    The base model is called without its LM head: vocabulary logits of every token would cost
+    more memory than the states, and the lenses decode only what they need, chunk by chunk.
+    """
+    device = _model_device(model)
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    input_ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device).bool()
+    base = getattr(model, "base_model", model)
+    with capture_layer_io(model) as states:
+        base(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+    # Next-token targets; a token with no real successor (end of text, or padding next) has none.
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    return TokenStates(torch.stack([state[mask] for state in states]), targets[mask])
+
+
+def iter_token_states(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 512,
+    desc: str = "layer states",
+) -> Iterator[TokenStates]:
+    """:func:`token_states` batch by batch, with a progress bar: one batch's states alive at a time."""
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+        yield token_states(model, tokenizer, texts[start : start + batch_size], max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tuned lens
+
+
+class TunedLens(nn.Module):
+    """One affine translator per layer, applied in residual form: ``h + A h + b``.
+
+    A and b start at zero, so an untrained tuned lens is exactly the logit lens. There are L
+    translators for the states 0..L-1 (embeddings and layers 1..L-1); the last state L is the
+    model's own output and is decoded as is. ``model``, ``base_fingerprint`` and ``training``
+    are provenance, saved with the weights.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        model: str | None = None,
+        base_fingerprint: str | None = None,
+        training: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1 or hidden_size < 1:
+            raise ValueError(f"a tuned lens needs num_layers >= 1 and hidden_size >= 1, got {num_layers}, {hidden_size}")
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        self.model = model
+        self.base_fingerprint = base_fingerprint
+        self.training_config = dict(training or {})
+        self.translators = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+        for translator in self.translators:
+            nn.init.zeros_(translator.weight)
+            nn.init.zeros_(translator.bias)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, name: str | None = None, base_fingerprint: str | None = None) -> "TunedLens":
+        """A zero (logit-lens-equivalent) lens shaped for ``model``'s layers and residual width."""
+        lens = cls(len(get_layers(model)), model.config.hidden_size, name, base_fingerprint)
+        return lens.to(_model_device(model))
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model whose layer count or residual width differs from this lens's."""
+        layers, width = len(get_layers(model)), model.config.hidden_size
+        if (layers, width) != (self.num_layers, self.hidden_size):
+            raise UsageError(
+                f"the tuned lens was trained for {self.num_layers} layers of width {self.hidden_size}, "
+                f"this model has {layers} layers of width {width}"
+            )
+
+    def translate(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
+        """State ``index`` moved toward the final layer's basis (identity for the last state)."""
+        if index == self.num_layers:
+            return hidden
+        translator = self.translators[index]
+        return hidden + translator(hidden.to(translator.weight.dtype)).to(hidden.dtype)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``lens.safetensors`` + ``lens.json`` (shape, provenance, sha256) atomically."""
+        out_dir = Path(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            digest = save_tensors(tmp / LENS_WEIGHTS, self.state_dict())
+            write_json(tmp / LENS_META, {
+                "format": LENS_FORMAT,
+                "version": LENS_VERSION,
+                "model": self.model,
+                "base_fingerprint": self.base_fingerprint,
+                "num_layers": self.num_layers,
+                "hidden_size": self.hidden_size,
+                "training": self.training_config,
+                "sha256": {LENS_WEIGHTS: digest},
+            })
+        return out_dir
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TunedLens":
+        """Read a lens directory, verifying the weights' sha256 and every tensor's shape."""
+        path = Path(path)
+        if path.name == LENS_META:
+            path = path.parent
+        meta = read_json(path / LENS_META, "tuned lens metadata")
+        if not isinstance(meta, dict) or meta.get("format") != LENS_FORMAT:
+            raise UsageError(f"{path} is not a crashlm tuned lens (no {LENS_META} with format {LENS_FORMAT!r})")
+        if meta.get("version", LENS_VERSION) > LENS_VERSION:
+            raise UsageError(f"{path}: tuned lens version {meta['version']} is newer than this crashlm understands")
+        try:
+            lens = cls(int(meta["num_layers"]), int(meta["hidden_size"]), meta.get("model"),
+                       meta.get("base_fingerprint"), meta.get("training"))
+            digest = meta["sha256"][LENS_WEIGHTS]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{path / LENS_META} is incomplete or malformed: {exc}") from exc
+        state = load_tensors(path / LENS_WEIGHTS, expected_sha256=digest)
+        expected = {name: tuple(t.shape) for name, t in lens.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if found != expected:
+            raise UsageError(f"{path / LENS_WEIGHTS} does not hold {lens.num_layers} translators of width {lens.hidden_size}")
+        lens.load_state_dict(state)
+        return lens
+
+
+def decode(model: nn.Module, hidden: torch.Tensor, index: int, lens: TunedLens | None = None) -> torch.Tensor:
+    """Float32 next-token logits of state ``index``: the tuned lens when given, else the logit lens."""
+    if lens is not None:
+        hidden = lens.translate(hidden, index)
+    return hidden_to_logits(model, hidden).float()
+
+
+def layer_log_probs(model: nn.Module, states: torch.Tensor, lens: TunedLens | None = None) -> torch.Tensor:
+    """Log-probabilities [S, N, V] of every state [S, N, D] (for a chunk of tokens)."""
+    return torch.stack([decode(model, h, i, lens).log_softmax(-1) for i, h in enumerate(states)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the tuned lens
+
+
+@dataclass
+class LensTrainConfig:
+    """How a tuned lens is trained: AdamW on KL(final || lens), summed over the translators.
+
+    The defaults fit a CPU: a few hundred short batches. The learning rate warms up linearly
+    over ``warmup_steps`` and then decays with a cosine to zero.
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    max_length: int = 128
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"lens training: {name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"lens training: lr must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise UsageError("lens training: warmup_steps and weight_decay must be >= 0, max_grad_norm > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LensTrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UsageError(f"lens training: unknown settings {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off the model's gradients for the duration (the lens trains through its unembedding)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _lr_factor(step: int, config: LensTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _text_batches(texts: Sequence[str], batch_size: int, seed: int) -> Iterator[list[str]]:
+    """Endless batches of texts, reshuffled every pass with a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [texts[i] for i in order[start : start + batch_size]]
+
+
+def train_tuned_lens(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    config: LensTrainConfig | None = None,
+    lens: TunedLens | None = None,
+    name: str | None = None,
+    base_fingerprint: str | None = None,
+) -> tuple[TunedLens, list[float]]:
+    """Train a tuned lens for ``model`` on ``texts``; return it and the loss at every step.
+
+    The loss of step t is the mean over translators of KL(final || lens), averaged over the
+    batch's real tokens. Each translator's loss is back-propagated on its own: translators do
+    not interact, so this equals one backward of the sum, with one [N, V] graph alive at a time.
+    The model stays frozen and in eval mode.
+    """
+    config = config or LensTrainConfig()
+    texts = list(texts)
+    if not texts:
+        raise UsageError("training a tuned lens needs at least one text")
+    torch.manual_seed(config.seed)
+    lens = lens if lens is not None else TunedLens.for_model(model, name, base_fingerprint)
+    lens.check_model(model)
+    lens.train()
+    optimizer = torch.optim.AdamW(lens.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    batches = _text_batches(texts, config.batch_size, config.seed)
+    losses: list[float] = []
+    progress = tqdm(range(config.steps), desc="tuned lens", unit="step")
+    with _frozen(model):
+        for _ in progress:
+            batch = token_states(model, tokenizer, next(batches), config.max_length)
+            with torch.no_grad():
+                final = decode(model, batch.states[-1], lens.num_layers).log_softmax(-1)
+            total = 0.0
+            for index in range(lens.num_layers):
+                log_q = decode(model, batch.states[index], index, lens).log_softmax(-1)
+                loss = F.kl_div(log_q, final, log_target=True, reduction="batchmean") / lens.num_layers
+                loss.backward()
+                total += loss.item()
+            if not math.isfinite(total):
+                raise RunFailure(f"tuned lens training diverged (loss {total}); lower the learning rate")
+            torch.nn.utils.clip_grad_norm_(lens.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            progress.set_postfix(kl=f"{total:.4f}")
+    lens.eval()
+    lens.training_config = {**lens.training_config, **config.to_dict(), "texts": len(texts), "final_loss": losses[-1]}
+    return lens, losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics per layer
+
+
+@dataclass
+class LensStats:
+    """How close each state's decoded distribution is to the model's final one, and to the text.
+
+    Every list has one value per state (``labels``: "emb", 1..L). ``kl_to_final`` is
+    KL(final || lens) in nats and ``top1_agreement`` the share of tokens whose argmax equals the
+    final argmax, both averaged over all real tokens; ``cross_entropy`` (nats) and
+    ``perplexity`` score the actual next token, over the tokens that have one. ``depth`` is each
+    state's depth in the full model (an emulator's state i stands for the output of its source
+    layer), the x axis on which models of different depth compare.
+    """
+
+    model: str
+    lens: str
+    num_layers: int
+    samples: int
+    tokens: int
+    predicted_tokens: int
+    kl_to_final: list[float]
+    top1_agreement: list[float]
+    cross_entropy: list[float]
+    perplexity: list[float]
+    depth: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.depth:
+            self.depth = list(range(self.num_layers + 1))
+
+    @property
+    def labels(self) -> list[str]:
+        return state_labels(self.num_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LensStats":
+        if not isinstance(data, dict):
+            raise UsageError("lens statistics must be a JSON object")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data and n != "depth"]
+        if missing:
+            raise UsageError(f"lens statistics lack {', '.join(missing)}")
+        stats = cls(**{n: data[n] for n in names if n in data})
+        size = stats.num_layers + 1
+        series = (stats.kl_to_final, stats.top1_agreement, stats.cross_entropy, stats.perplexity, stats.depth)
+        if any(not isinstance(s, list) or len(s) != size for s in series):
+            raise UsageError(f"lens statistics must hold {size} values per series for {stats.num_layers} layers")
+        return stats
+
+
+@torch.no_grad()
+def lens_statistics(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    lens: TunedLens | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    name: str = "model",
+    depth: Sequence[int] | None = None,
+    chunk_tokens: int = 1024,
+) -> LensStats:
+    """Per-state KL to the final distribution, top-1 agreement, cross-entropy and perplexity.
+
+    Streams over batches of texts and decodes ``chunk_tokens`` tokens at a time, so memory is
+    one batch's states plus a few [chunk, V] tensors; only per-state sums accumulate.
+    """
+    texts = list(texts)
+    if not texts:
+        raise UsageError("lens statistics need at least one text")
+    if lens is not None:
+        lens.check_model(model)
+    num_states = len(get_layers(model)) + 1
+    kl = torch.zeros(num_states, dtype=torch.float64)
+    agree = torch.zeros(num_states, dtype=torch.float64)
+    ce = torch.zeros(num_states, dtype=torch.float64)
+    tokens = predicted = 0
+    for batch in iter_token_states(model, tokenizer, texts, batch_size, max_length, desc=f"lens {name}"):
+        for start in range(0, batch.num_tokens, chunk_tokens):
+            states = batch.states[:, start : start + chunk_tokens]
+            targets = batch.targets[start : start + chunk_tokens]
+            has_next = targets != IGNORE_INDEX
+            final = decode(model, states[-1], num_states - 1, lens).log_softmax(-1)
+            final_top = final.argmax(-1)
+            for index in range(num_states):
+                log_q = decode(model, states[index], index, lens).log_softmax(-1)
+                kl[index] += F.kl_div(log_q, final, log_target=True, reduction="sum").item()
+                agree[index] += (log_q.argmax(-1) == final_top).sum().item()
+                ce[index] += F.cross_entropy(log_q[has_next], targets[has_next], reduction="sum").item()
+            tokens += states.shape[1]
+            predicted += int(has_next.sum())
+    if predicted == 0:
+        raise UsageError("the texts are too short: no token has a next token to predict")
+    mean_ce = (ce / predicted).tolist()
+    return LensStats(
+        model=name,
+        lens="logit" if lens is None else "tuned",
+        num_layers=num_states - 1,
+        samples=len(texts),
+        tokens=tokens,
+        predicted_tokens=predicted,
+        kl_to_final=(kl / tokens).tolist(),
+        top1_agreement=(agree / tokens).tolist(),
+        cross_entropy=mean_ce,
+        perplexity=[math.exp(min(x, 700.0)) for x in mean_ce],
+        depth=list(depth) if depth is not None else [],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory of one prompt
+
+
+@dataclass
+class Trajectory:
+    """The lens figure's data: per state and token position, the top-1 next token and its probability.
+
+    ``input_tokens[t]`` is the t-th token of the prompt; ``top_tokens[s][t]`` is what state s
+    predicts after it, with probability ``top_probs[s][t]``.
+    """
+
+    prompt: str
+    model: str
+    lens: str
+    num_layers: int
+    input_tokens: list[str]
+    top_tokens: list[list[str]]
+    top_probs: list[list[float]]
+
+    @property
+    def labels(self) -> list[str]:
+        return state_labels(self.num_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trajectory":
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise UsageError(f"trajectory lacks {', '.join(missing)}")
+        return cls(**{n: data[n] for n in names})
+
+
+@torch.no_grad()
+def trajectory(
+    model: nn.Module, tokenizer, prompt: str, lens: TunedLens | None = None, name: str = "model", max_length: int = 64
+) -> Trajectory:
+    """Decode every state at every position of ``prompt`` (truncated to ``max_length`` tokens)."""
+    if not prompt.strip():
+        raise UsageError("the lens prompt is empty")
+    if lens is not None:
+        lens.check_model(model)
+    batch = token_states(model, tokenizer, [prompt], max_length)
+    ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+    top_tokens, top_probs = [], []
+    for index, hidden in enumerate(batch.states):
+        probs, top = decode(model, hidden, index, lens).softmax(-1).max(-1)
+        top_tokens.append([tokenizer.decode([t]) for t in top.tolist()])
+        top_probs.append(probs.tolist())
+    return Trajectory(
+        prompt=prompt,
+        model=name,
+        lens="logit" if lens is None else "tuned",
+        num_layers=len(batch.states) - 1,
+        input_tokens=[tokenizer.decode([t]) for t in ids],
+        top_tokens=top_tokens,
+        top_probs=top_probs,
+    )

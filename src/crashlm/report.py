@@ -1,0 +1,139 @@
+"""One self-contained HTML page for a run directory.
+
+The report reads what the commands wrote (JSON + PNG) and embeds every figure as a data URI,
+so the page can be mailed or archived as one file. It computes nothing: each section shows a
+figure with the configuration that produced it, next to it on disk.
+
+Sections, each present only when its files are: the offsite table (``table.json``, ``table.png``),
+layer similarity and plans (``similarity.json``, ``plan.json`` and their figures), and every other
+figure under the run directory grouped by folder (lens, divergence, landscape, ...), each with
+the JSON files of its folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .errors import UsageError
+from .io import atomic_path
+
+REPORT_FILE = "report.html"
+# Large result JSONs (matrices, grids) are summarised rather than dumped into the page.
+_MAX_JSON_CHARS = 4000
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+h1 { border-bottom: 2px solid #444; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+figure { display: inline-block; margin: 0.5rem; vertical-align: top; }
+figure img { max-width: 100%; width: 520px; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.8rem; color: #555; }
+details pre { background: #f6f6f6; padding: 0.5rem; font-size: 0.75rem; overflow-x: auto; }
+"""
+
+
+def _figure(path: Path, root: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    caption = html.escape(str(path.relative_to(root)))
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _json_block(path: Path, root: Path) -> str:
+    try:
+        text = json.dumps(json.loads(path.read_text(encoding="utf-8")), indent=2)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""
+    if len(text) > _MAX_JSON_CHARS:
+        text = text[:_MAX_JSON_CHARS] + "\n... (truncated; see the file)"
+    name = html.escape(str(path.relative_to(root)))
+    return f"<details><summary>{name}</summary><pre>{html.escape(text)}</pre></details>"
+
+
+def _table_html(table: dict) -> str:
+    tasks = table["tasks"]
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
+    rows = []
+    for row in table["rows"]:
+        cells = []
+        for task in tasks:
+            value = row["scores"].get(task)
+            spread = row.get("spread", {}).get(task, 0.0)
+            text = "–" if value is None else f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread else "")
+            cells.append(f"<td>{text}</td>")
+        average = "–" if row.get("average") is None else f"{100 * row['average']:.1f}"
+        gain = f"{100 * row['gain_recovered']:.0f} %" if "gain_recovered" in row else ""
+        rows.append(f"<tr><td>{html.escape(row['name'])}</td>{''.join(cells)}<td>{average}</td><td>{gain}</td></tr>")
+    return (f"<table><tr><th>row</th>{head}<th>average</th><th>gain recovered</th></tr>{''.join(rows)}</table>"
+            f"<p>Metric: {html.escape(str(table.get('metric', 'acc')))} (%); seeds {table.get('seeds')}.</p>")
+
+
+def _plan_summary(path: Path) -> str:
+    plan = json.loads(path.read_text(encoding="utf-8"))
+    clusters = plan.get("clusters")
+    parts = [f"<b>{html.escape(str(path.parent.name))}</b>: {plan['strategy']} plan, "
+             f"{plan['num_layers']} layers -> K={len(plan['kept'])}; trainable {plan['trainable']}; kept {plan['kept']}"]
+    if clusters:
+        parts.append("clusters " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in clusters))
+    return "<p>" + "; ".join(parts) + "</p>"
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The HTML text of the report for ``run_dir``."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageError(f"run directory not found: {root}")
+    figures = sorted(root.rglob("*.png"))
+    if not figures and not (root / "table.json").exists():
+        raise UsageError(f"{root} holds no crashlm results (no table.json and no figures)")
+    used: set[Path] = set()
+    body = [f"<h1>crashlm report: {html.escape(root.resolve().name)}</h1>"]
+
+    if (root / "table.json").exists():
+        table = json.loads((root / "table.json").read_text(encoding="utf-8"))
+        body.append("<h2>Offsite-tuning table</h2>" + _table_html(table))
+        if (root / "table.png").exists():
+            body.append(_figure(root / "table.png", root))
+            used.add(root / "table.png")
+        if (root / "config.json").exists():
+            body.append(_json_block(root / "config.json", root))
+
+    plan_files = sorted(root.rglob("plan.json"))
+    if plan_files:
+        body.append("<h2>Layer similarity and plans</h2>")
+        for plan_path in plan_files:
+            body.append(_plan_summary(plan_path))
+            for png in sorted(plan_path.parent.glob("*.png")):
+                body.append(_figure(png, root))
+                used.add(png)
+            for name in ("plan.json", "similarity.json"):
+                if (plan_path.parent / name).exists():
+                    body.append(_json_block(plan_path.parent / name, root))
+
+    by_folder: dict[Path, list[Path]] = {}
+    for png in figures:
+        if png not in used:
+            by_folder.setdefault(png.parent, []).append(png)
+    if by_folder:
+        body.append("<h2>Analyses</h2>")
+        for folder, pngs in sorted(by_folder.items()):
+            body.append(f"<h3>{html.escape(str(folder.relative_to(root)) if folder != root else '.')}</h3>")
+            body.extend(_figure(png, root) for png in pngs)
+            body.extend(_json_block(js, root) for js in sorted(folder.glob("*.json")))
+
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>crashlm report: {html.escape(root.resolve().name)}</title><style>{_STYLE}</style></head>"
+            f"<body>{''.join(body)}</body></html>")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` atomically and return its path."""
+    text = build_report(run_dir)
+    out = Path(run_dir) / REPORT_FILE
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return out

@@ -1,0 +1,92 @@
+"""The HTML report: sections, embedded figures, and a real headless-Chromium rendering check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crashlm.cli import main
+from crashlm.io import write_json
+from crashlm.plans import crash_plan
+from crashlm.plotting import plot_clusters, plot_offsite_table
+from crashlm.report import build_report, write_report
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    table = {
+        "model": "tiny", "tasks": ["piqa", "arc_easy"], "seeds": [1], "metric": "acc",
+        "rows": [
+            {"name": "Full ZS", "scores": {"piqa": 0.6, "arc_easy": 0.5}, "spread": {}, "average": 0.55},
+            {"name": "Full FT", "scores": {"piqa": 0.7, "arc_easy": 0.6}, "spread": {}, "average": 0.65},
+            {"name": "CRaSh, Plug-in", "scores": {"piqa": 0.68, "arc_easy": 0.55}, "spread": {},
+             "average": 0.615, "gain_recovered": 0.65},
+        ],
+    }
+    write_json(tmp_path / "table.json", table)
+    plot_offsite_table(table, tmp_path / "table.png")
+    plan = crash_plan([0.9, 0.2, 0.95, 0.97, 0.3, 0.9, 0.99], k=4)
+    plan.save(tmp_path / "piqa" / "crash" / "plan.json")
+    plot_clusters(plan, tmp_path / "piqa" / "crash" / "clusters.png")
+    lens_dir = tmp_path / "lens"
+    plot_clusters(plan, lens_dir / "some_analysis.png")
+    write_json(lens_dir / "lens.json", {"layers": [1, 2, 3]})
+    return tmp_path
+
+
+def test_report_has_every_section_and_figure(run_dir: Path):
+    page = build_report(run_dir)
+    assert "Offsite-tuning table" in page and "Layer similarity and plans" in page and "Analyses" in page
+    assert page.count("data:image/png;base64,") == 3  # every PNG under the run, embedded once
+    assert "65 %" in page  # gain recovered
+    assert "lens/lens.json" in page  # the configuration beside a figure
+
+
+def test_report_cli_and_errors(run_dir: Path, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "run directory not found" in capsys.readouterr().err
+    main(["report", str(run_dir)])
+    assert (run_dir / "report.html").stat().st_size > 1000
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed (make test installs them as root)")
+def test_report_renders_in_headless_chromium(run_dir: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1280,2000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    page = write_report(run_dir)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(page.resolve().as_uri())
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.naturalWidth, i.getBoundingClientRect().width, i.getBoundingClientRect().height]);"
+        )
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "report.png"))
+    finally:
+        driver.quit()
+    assert len(sizes) == 3
+    assert all(natural > 0 and width > 0 and height > 0 for natural, width, height in sizes), sizes
+    assert errors == [], json.dumps(errors)
