@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 --durations=15
 DEMO_DIR ?= runs/demo
 
-.PHONY: install assets test test-fast demo bench-quick clean
+.PHONY: install assets browser test test-fast demo bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ install: $(STAMP)
 assets: install
 	$(BIN)/crashlm fetch
 
-test: assets
+# Debian's Chromium for the report rendering test; without root or apt the test is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "could not install chromium: the report rendering test will be skipped"; \
+	else echo "chromium not installed (needs root): the report rendering test will be skipped"; fi
+
+test: assets browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from crashlm.cli import main
+from tests.cli import run_cli
 from crashlm.io import write_json
 from crashlm.plans import crash_plan
 from crashlm.plotting import plot_clusters, plot_offsite_table
@@ -48,10 +49,8 @@ def test_report_has_every_section_and_figure(run_dir: Path):
 
 
 def test_report_cli_and_errors(run_dir: Path, tmp_path: Path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["report", str(tmp_path / "missing")])
-    assert exit_info.value.code == 2
-    assert "run directory not found" in capsys.readouterr().err
+    code, _, err = run_cli(["report", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "run directory not found" in err
     main(["report", str(run_dir)])
     assert (run_dir / "report.html").stat().st_size > 1000
 

@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crashlm.cli import main
 from crashlm.errors import UsageError
 from crashlm.similarity import (
     ESTIMATORS,
@@ -28,6 +27,7 @@ from crashlm.similarity import (
     pool_hidden,
     rebatch,
 )
+from tests.cli import run_cli
 from tests.tiny import save_tiny, tiny_model
 
 TEXTS = [
@@ -325,11 +325,8 @@ def test_loading_non_json_or_missing_similarity_file_is_a_usage_error(tmp_path):
 # CLI
 
 
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["similarity", *args])
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
+def run_similarity(args: list[str], capsys) -> tuple[int, str, str]:
+    return run_cli(["similarity", *args], capsys)
 
 
 def test_cli_on_a_text_file_and_several_models(tiny_llama_dir, tmp_path, capsys):
@@ -337,7 +334,7 @@ def test_cli_on_a_text_file_and_several_models(tiny_llama_dir, tmp_path, capsys)
     texts.write_text("\n".join(TEXTS[:6]) + "\n\n", encoding="utf-8")
     second = save_tiny("llama", tmp_path / "tiny-llama-3", num_layers=3)
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(
+    code, stdout, _ = run_similarity(
         ["--models", f"{tiny_llama_dir},{second}", "--text", str(texts), "--samples", "6", "--batch-size", "4", "--out", str(out)],
         capsys,
     )
@@ -368,7 +365,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_llama_dir, 
     files["LATIN1"].write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     args = [str(files.get(a, a)) for a in args]
     out = tmp_path / "out"
-    code, _, stderr = run_cli(["--model", str(tiny_llama_dir), "--task", "piqa", *args, "--out", str(out)], capsys)
+    code, _, stderr = run_similarity(["--model", str(tiny_llama_dir), "--task", "piqa", *args, "--out", str(out)], capsys)
     assert code == 2
     assert len(stderr.strip().splitlines()) == 1 and message in stderr
     assert not out.exists()
@@ -392,7 +389,7 @@ def test_similarity_of_the_real_model_on_piqa():
 @pytest.mark.integration
 def test_cli_end_to_end_on_the_real_model(tmp_path, capsys):
     out = tmp_path / "similarity"
-    code, stdout, _ = run_cli(["--task", "piqa", "--samples", "8", "--out", str(out)], capsys)
+    code, stdout, _ = run_similarity(["--task", "piqa", "--samples", "8", "--out", str(out)], capsys)
     assert code == 0
     assert "smollm2-135m: 30 layers, 8 samples" in stdout
     assert SimilarityResult.load(out).num_layers == 30

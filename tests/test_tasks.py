@@ -9,6 +9,7 @@ import pytest
 
 from crashlm import tasks
 from crashlm.cli import main
+from tests.cli import run_cli
 from crashlm.errors import RunFailure, UsageError
 from crashlm.tasks import TASKS, Example, get_task, load_examples, read_text_file
 
@@ -253,21 +254,15 @@ def test_lm_eval_export_round_trips_and_is_reused(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_cli_lists_tasks_and_shows_examples(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tasks"])
+    main(["tasks"])  # success returns normally
     out = capsys.readouterr().out
-    assert (exit_info.value.code or 0) == 0
     assert "piqa" in out and "16113" in out and "CC-BY-SA-4.0" in out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tasks", "--show", "piqa", "--n", "2"])
+    main(["tasks", "--show", "piqa", "--n", "2"])
     out = capsys.readouterr().out
-    assert (exit_info.value.code or 0) == 0
     assert "Question: dresser" in out and "bobby pin" in out
 
 
 def test_cli_unknown_task_exits_2_with_one_line(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["tasks", "--show", "nope"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    code, _, err = run_cli(["tasks", "--show", "nope"], capsys)
+    assert code == 2
     assert len(err.strip().splitlines()) == 1 and "unknown task" in err

@@ -202,6 +202,9 @@ class Pipeline:
                 similarity.save(sdir)
             plan = make_plan(model, base, k=c.k, trainable=c.trainable, similarity=similarity, task=task)
             plan.save(sdir / "plan.json")
+            from .plotting import plot_clusters
+
+            plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             emulator = build_emulator(model, tokenizer, plan, sharing=base == "crash-share")
             if strategy == "uniform-kd":
                 from .training import distill_emulator
@@ -239,8 +242,11 @@ class Pipeline:
             self.full_model_rows(task)
             for strategy in self.config.strategy_runs():
                 self.strategy_rows(task, strategy)
+        from .report import write_report
+
         table = build_table(self.run_dir, self.config)
         write_table(self.run_dir, table)
+        write_report(self.run_dir)
         return table
 
 

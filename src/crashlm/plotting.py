@@ -166,3 +166,159 @@ def plot_offsite_table(table: dict, path: str | Path) -> Path:
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer lenses and layer-to-layer divergence
+
+
+def _token_text(token: str, width: int = 8) -> str:
+    """A token as printable cell text: escapes for newlines and tabs, long tokens cut."""
+    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plot_trajectory(trajectory, path: str | Path, title: str | None = None) -> Path:
+    """The lens figure: states (bottom: embeddings) x prompt positions, coloured by the top-1
+    probability, each cell showing the top-1 next token of that state at that position."""
+    probs = np.asarray(trajectory.top_probs, dtype=np.float64)
+    states, positions = probs.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.95 * positions, 1.4 + 0.26 * states))
+    image = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=1.0, origin="lower", aspect="auto", interpolation="nearest")
+    fontsize = 7 if states <= 40 else 5
+    for s in range(states):
+        for t in range(positions):
+            colour = "black" if probs[s, t] > 0.6 else "white"
+            ax.text(t, s, _token_text(trajectory.top_tokens[s][t]), ha="center", va="center", fontsize=fontsize, color=colour)
+    ax.set_xticks(range(positions), [_token_text(tok, 12) for tok in trajectory.input_tokens], rotation=45, ha="right")
+    labels = layer_labels(trajectory.num_layers)
+    stride = max(1, math.ceil(states / 32))
+    ax.set_yticks(range(0, states, stride), labels[::stride])
+    ax.set_xlabel("input token (each cell: predicted next token)")
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"{Path(trajectory.model).name}: {trajectory.lens} lens")
+    fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.04)
+    return save_figure(fig, path)
+
+
+def plot_lens_curves(stats: list, path: str | Path, title: str | None = None) -> Path:
+    """KL to the final distribution, top-1 agreement and perplexity per layer, one line per model.
+
+    The x axis is each state's depth in the full model (``LensStats.depth``), so an emulator's
+    few positions sit at the layers they were taken from.
+    """
+    panels = (
+        ("kl_to_final", "KL(final || layer) [nats]", "linear"),
+        ("top1_agreement", "top-1 agreement with final", "linear"),
+        ("perplexity", "perplexity (next token)", "log"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(13.5, 3.8), constrained_layout=True)
+    for ax, (key, label, scale) in zip(axes, panels):
+        for item in stats:
+            ax.plot(item.depth, getattr(item, key), marker="o", markersize=3, label=item.model)
+        ax.set_yscale(scale)
+        ax.set_xlabel("depth in the full model (0 = embeddings)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or f"{stats[0].lens} lens per layer")
+    return save_figure(fig, path)
+
+
+_MEASURE_TITLES = {
+    "js": "Jensen-Shannon [nats]",
+    "kl": "KL(row || column) [nats]",
+    "hellinger": "Hellinger",
+    "l2": "L2",
+    "cosine": "cosine distance",
+}
+
+
+def plot_divergence(result, path: str | Path) -> Path:
+    """One heatmap per divergence measure (state x state, embeddings first), in a grid."""
+    names = list(result.measures)
+    columns = 3
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 4.4 * rows), constrained_layout=True, squeeze=False)
+    labels = layer_labels(result.num_layers)
+    stride = max(1, math.ceil(len(labels) / 16))
+    ticks = list(range(0, len(labels), stride))
+    for ax, name in zip(axes.flat, names):
+        image = ax.imshow(np.asarray(result.measures[name], dtype=np.float64), cmap="magma_r", interpolation="nearest")
+        ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90)
+        ax.set_yticks(ticks, [labels[t] for t in ticks])
+        ax.set_title(_MEASURE_TITLES.get(name, name))
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{Path(result.model).name} on {result.task}: layer-to-layer divergence ({result.lens} lens, "
+                 f"{result.tokens} tokens)")
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss landscapes
+
+
+def _landscape_title(result) -> str:
+    return f"{result.config.task} validation loss ({result.examples} examples)"
+
+
+def plot_landscape_1d(result, path: str | Path) -> Path:
+    """Loss along the line from model a (alpha 0) to model b (alpha 1), end points named."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(result.alphas, result.losses, marker="o", markersize=3)
+    for anchor in result.anchors:
+        ax.annotate(anchor.label, (anchor.coords[0], anchor.loss), textcoords="offset points", xytext=(0, 8),
+                    ha="left" if anchor.coords[0] == 0 else "right", fontsize=8)
+    ax.set_xlabel(r"$\alpha$:  $\theta = \theta_a + \alpha\,(\theta_b - \theta_a)$")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{_landscape_title(result)}; barrier {result.barrier:.3g}")
+    return save_figure(fig, path)
+
+
+def _landscape_grid(result) -> tuple[np.ndarray, np.ndarray, np.ma.MaskedArray]:
+    xs, ys = np.meshgrid(np.asarray(result.xs), np.asarray(result.ys))
+    return xs, ys, np.ma.masked_invalid(np.asarray(result.losses, dtype=np.float64))
+
+
+def _axis_labels(result) -> tuple[str, str]:
+    if result.config.directions == "models":
+        return f"towards {result.anchor('x').label}", f"towards {result.anchor('y').label}"
+    return "random direction 1 (filter-normalised)", "random direction 2 (filter-normalised)"
+
+
+def plot_landscape_2d_contour(result, path: str | Path, levels: int = 20) -> Path:
+    """Filled contours of the 2D landscape, with the anchor models marked and named."""
+    xs, ys, losses = _landscape_grid(result)
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    filled = ax.contourf(xs, ys, losses, levels=levels, cmap="viridis")
+    lines = ax.contour(xs, ys, losses, levels=levels, colors="white", linewidths=0.4, alpha=0.6)
+    ax.clabel(lines, lines.levels[::4], fontsize=6, fmt="%.2f")
+    fig.colorbar(filled, ax=ax, label="loss")
+    for anchor in result.anchors:
+        ax.plot(*anchor.coords, marker="*", markersize=12, color="red", markeredgecolor="black")
+        ax.annotate(anchor.label, anchor.coords, textcoords="offset points", xytext=(6, 6), fontsize=8, color="white")
+    xlabel, ylabel = _axis_labels(result)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{result.anchor('origin').label}: {_landscape_title(result)}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_landscape_2d_surface(result, path: str | Path) -> Path:
+    """3D surface of the 2D landscape, with the anchor models marked at their losses."""
+    xs, ys, losses = _landscape_grid(result)
+    fig = plt.figure(figsize=(7.0, 5.6))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(xs, ys, losses.filled(np.nan), cmap="viridis", alpha=0.85, linewidth=0, antialiased=True)
+    for anchor in result.anchors:
+        ax.scatter(*anchor.coords, anchor.loss, color="red", s=40, depthshade=False)
+        ax.text(*anchor.coords, anchor.loss, f" {anchor.label}", fontsize=8)
+    xlabel, ylabel = _axis_labels(result)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_zlabel("loss")
+    ax.set_title(f"{result.anchor('origin').label}: {_landscape_title(result)}", fontsize=9)
+    return save_figure(fig, path)

@@ -111,9 +111,22 @@ def iter_pooled_states(
         yield torch.stack(pooled).cpu()
 
 
-def collect_pooled_states(*args, **kwargs) -> torch.Tensor:
-    """All pooled states [L + 1, N, D]: :func:`iter_pooled_states` concatenated over batches."""
-    return torch.cat(list(iter_pooled_states(*args, **kwargs)), dim=1)
+def collect_pooled_states(
+    model: nn.Module, tokenizer, texts: Sequence[str], *args, **kwargs
+) -> torch.Tensor:
+    """All pooled states [L + 1, N, D], in the order of ``texts``.
+
+    Texts run sorted by length so each batch pads little (on PIQA, half the tokens of the
+    original order); rows are put back in order afterwards. Streaming consumers such as
+    minibatch CKA keep the given order instead: length-sorted batches would not be random
+    samples of the data.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = iter_pooled_states(model, tokenizer, [texts[i] for i in order], *args, **kwargs)
+    by_length = torch.cat(list(chunks), dim=1)
+    states = torch.empty_like(by_length)
+    states[:, order] = by_length
+    return states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,11 +391,11 @@ def compute_similarity(
 
     device = torch.device(device) if device is not None else default_device()
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
-    chunks = iter_pooled_states(model, tokenizer, texts, pooling, batch_size, dtype, device, max_length)
+    settings = (pooling, batch_size, dtype, device, max_length)
     if minibatch is None:
-        matrix = cka_matrix(torch.cat(list(chunks), dim=1), estimator)
+        matrix = cka_matrix(collect_pooled_states(model, tokenizer, texts, *settings), estimator)
     else:
-        matrix = minibatch_cka(chunks, minibatch)
+        matrix = minibatch_cka(iter_pooled_states(model, tokenizer, texts, *settings), minibatch)
     if not bool(torch.isfinite(matrix).all()):
         raise RunFailure("CKA is undefined: some layer's pooled states do not vary across samples")
     num_layers = matrix.shape[0] - 1
