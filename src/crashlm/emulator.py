@@ -16,8 +16,8 @@ The three strategies of the paper's table:
 
 The bundle (what the model owner sends) is a directory::
 
-    crashlm.json        format, plan, sharing flags, slots, base fingerprint, versions,
-                        layout, sha256 of every tensor file
+    crashlm.json        format, version, layout, strategy, plan, sharing flags, slots, base
+                        fingerprint, summary, versions, sha256 of every tensor file
     config.json         the emulator's config (num_hidden_layers = number of positions)
     tokenizer files
     layout "transformers" (no sharing): model.safetensors (standard names, written by
@@ -38,9 +38,10 @@ import copy
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import __version__
@@ -48,6 +49,9 @@ from .errors import UsageError
 from .io import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
 from .models import arch_spec, fingerprint, get_layers, load_tokenizer, num_layers, set_layers
 from .plans import DEFAULT_TRAINABLE, LayerPlan, Slot, check_k, crash_plan, default_k, uniform_plan
+
+if TYPE_CHECKING:
+    from .similarity import SimilarityResult
 
 EMULATOR_STRATEGIES = ("uniform", "crash", "crash-share")
 BUNDLE_FORMAT = "crashlm-emulator"
@@ -79,7 +83,7 @@ def make_plan(
     strategy: str,
     k: int | None = None,
     trainable: int = DEFAULT_TRAINABLE,
-    similarity=None,
+    similarity: SimilarityResult | None = None,
     task: str = "piqa",
     samples: int = 512,
     pooling: str = "mean_weighted",
@@ -139,6 +143,11 @@ class Emulator:
     @property
     def slots(self) -> list[Slot]:
         return self.plan.slots(self.sharing, self.share_trainable)
+
+    @property
+    def strategy(self) -> str:
+        """The plan's strategy, with ``-share`` when removed positions are filled (``crash-share``)."""
+        return f"{self.plan.strategy}-share" if self.sharing else self.plan.strategy
 
     def modules_by_key(self) -> dict[str, nn.Module]:
         """Each unique module once, by slot key, in order of first position."""
@@ -249,6 +258,7 @@ def save_bundle(emulator: Emulator, out_dir: str | Path) -> Path:
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
             "layout": layout,
+            "strategy": emulator.strategy,
             "plan": emulator.plan.to_dict(),
             "sharing": emulator.sharing,
             "share_trainable": emulator.share_trainable,
@@ -354,7 +364,7 @@ def _load_transformers(path: Path, dtype: torch.dtype) -> nn.Module:
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise UsageError(f"cannot load the emulator in {path}: {str(exc).splitlines()[0]}") from exc
 
 
@@ -388,32 +398,45 @@ def load_emulator(path: str | Path, dtype: torch.dtype = torch.float32, device: 
 # Privacy check
 
 
-def _digest(tensor: torch.Tensor) -> tuple[tuple[int, ...], str]:
-    values = tensor.detach().to("cpu", torch.float32).contiguous()
-    return tuple(values.shape), hashlib.sha256(values.numpy().tobytes()).hexdigest()
+Digest = tuple[str, tuple[int, ...], str]
+
+
+def _digest(tensor: torch.Tensor) -> Digest:
+    """Dtype, shape and sha256 of a tensor's bytes: equal digests mean equal tensors."""
+    values = tensor.detach().to("cpu").contiguous()
+    raw = values.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return str(values.dtype), tuple(values.shape), hashlib.sha256(raw).hexdigest()
 
 
 def leaked_tensors(bundle_dir: str | Path, full_model: nn.Module, layers: Iterable[int] | None = None) -> list[str]:
     """Tensors of the full model's ``layers`` (default: those the bundle's plan removed) found in the bundle.
 
-    A tensor counts only when no other part of the full model holds the same values, since
-    those reveal nothing new (freshly initialised norms are all ones in every layer). Compare
-    with ``full_model`` in the dtype the bundle was saved in. Returns ``layers.<i>.<name>`` of
-    every leaked tensor: an empty list means the bundle reveals none of those layers.
+    Every tensor of every tensor file of the bundle is compared with every tensor of those
+    layers, cast to each dtype the bundle holds (so a bfloat16 bundle is checked against a
+    float32 model as exactly as a float32 one). A tensor counts only when no other part of the
+    full model holds the same values, since those reveal nothing new (freshly initialised norms
+    are all ones in every layer). Returns ``layers.<i>.<name>`` of every leaked tensor: an
+    empty list means the bundle reveals none of those layers.
     """
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
     plan = LayerPlan.from_dict(manifest["plan"])
     targets = set(range(plan.num_layers)) - set(plan.kept) if layers is None else set(layers)
-    in_bundle = {_digest(t) for name in manifest["sha256"] for t in load_tensors(bundle_dir / name).values()}
+    stored = [t for name in manifest["sha256"] for t in load_tensors(bundle_dir / name).values()]
+    in_bundle = {_digest(t) for t in stored}
+    dtypes = {t.dtype for t in stored}
+
+    def digests(tensor: torch.Tensor) -> set[Digest]:
+        return {_digest(tensor.to(dtype)) for dtype in dtypes}
+
     stack = get_layers(full_model)
     prefix = _layer_prefix(full_model)
-    elsewhere = {_digest(t) for name, t in _owned_state(full_model).items() if not name.startswith(prefix)}
-    elsewhere |= {_digest(t) for i, layer in enumerate(stack) if i not in targets for t in layer.state_dict().values()}
+    others = [t for name, t in _owned_state(full_model).items() if not name.startswith(prefix)]
+    others += [t for i, layer in enumerate(stack) if i not in targets for t in layer.state_dict().values()]
+    elsewhere = set().union(*(digests(t) for t in others))
     leaked = []
     for i in sorted(targets):
         for name, tensor in stack[i].state_dict().items():
-            digest = _digest(tensor)
-            if digest in in_bundle and digest not in elsewhere:
+            if (digests(tensor) & in_bundle) - elsewhere:
                 leaked.append(f"layers.{i}.{name}")
     return leaked

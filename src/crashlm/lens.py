@@ -8,9 +8,11 @@ the decoded distribution matches the model's final one.
 
 States are numbered like :func:`crashlm.models.capture_layer_io`: S = L + 1 states, index 0 is
 the embedding output and index l the output of decoder layer l. For an emulator, the layers are
-its positions. A :class:`TunedLens` has L translators, one per state 0..L-1; the last state is
-the model's own output and is decoded as is (identity translator), so at the last layer every
-lens equals the model's logits.
+its positions, and each state has a **depth** in the full model (:func:`emulator_depth`): the
+full-model layer whose output it stands for. A :class:`TunedLens` has L translators, one per
+full-model state 0..L-1, and an emulator's state is translated by the translator of its depth.
+The last state is the model's own output and is decoded as is (identity translator), so at the
+last layer every lens equals the model's logits.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,9 @@ from .errors import RunFailure, UsageError
 from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from .models import capture_layer_io, get_layers, hidden_to_logits
 from .scoring import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
 
 LENS_KINDS = ("logit", "tuned")
 LENS_FORMAT = "crashlm-tuned-lens"
@@ -42,9 +47,31 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def state_labels(num_layers: int) -> list[str]:
-    """Names of the L + 1 states: "emb" then layers 1..L."""
-    return ["emb", *(str(i) for i in range(1, num_layers + 1))]
+def full_depth(model: nn.Module) -> list[int]:
+    """The depths of a full model's states: 0 (embeddings) .. L."""
+    return list(range(len(get_layers(model)) + 1))
+
+
+def emulator_depth(emulator: "Emulator") -> list[int]:
+    """Each emulator state's depth in the full model, from the plan's slots.
+
+    State 0 is the embeddings. Without sharing, position i holds kept layer ``source`` and the
+    layers in between are gone, so its output stands for the full model's layer ``source``
+    output (depth source + 1). With sharing the emulator keeps all L positions, each standing
+    in for its own layer (depth position + 1) with another layer's weights.
+    """
+    return [0, *((slot.position if emulator.sharing else slot.source) + 1 for slot in emulator.slots)]
+
+
+def check_depth(model: nn.Module, depth: Sequence[int] | None) -> list[int]:
+    """``depth`` (default: the full model's), checked: one non-decreasing entry per state, from 0."""
+    if depth is None:
+        return full_depth(model)
+    depth = [int(d) for d in depth]
+    states = len(get_layers(model)) + 1
+    if len(depth) != states or depth[0] != 0 or any(b < a for a, b in zip(depth, depth[1:])):
+        raise UsageError(f"depth must give {states} non-decreasing full-model depths starting at 0, got {depth}")
+    return depth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +167,32 @@ class TunedLens(nn.Module):
         lens = cls(len(get_layers(model)), model.config.hidden_size, name, base_fingerprint)
         return lens.to(_model_device(model))
 
-    def check_model(self, model: nn.Module) -> None:
-        """Refuse a model whose layer count or residual width differs from this lens's."""
+    def check_model(self, model: nn.Module, depth: Sequence[int] | None = None) -> None:
+        """Refuse a model whose residual width or depth does not fit this lens.
+
+        A full model must have exactly the lens's layer count; an emulator (``depth`` given) must
+        stay within it, since each of its states uses the translator of its full-model depth.
+        """
         layers, width = len(get_layers(model)), model.config.hidden_size
-        if (layers, width) != (self.num_layers, self.hidden_size):
+        deepest = max(depth) if depth is not None else layers
+        if width != self.hidden_size or (depth is None and layers != self.num_layers) or deepest > self.num_layers:
             raise UsageError(
                 f"the tuned lens was trained for {self.num_layers} layers of width {self.hidden_size}, "
                 f"this model has {layers} layers of width {width}"
+                + (f" standing for depths up to {deepest}" if depth is not None else "")
             )
+
+    def check_base(self, base_fingerprint: str | None) -> None:
+        """Refuse a lens trained on another base model (when both fingerprints are known)."""
+        if self.base_fingerprint and base_fingerprint and self.base_fingerprint != base_fingerprint:
+            raise UsageError(
+                f"the tuned lens was trained on another model (fingerprint {self.base_fingerprint}, "
+                f"this model {base_fingerprint})"
+            )
+
+    def indices(self, depth: Sequence[int]) -> list[int]:
+        """The translator of each state: its depth, and the identity for the last (the output)."""
+        return [*depth[:-1], self.num_layers]
 
     def translate(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """State ``index`` moved toward the final layer's basis (identity for the last state)."""
@@ -208,9 +253,21 @@ def decode(model: nn.Module, hidden: torch.Tensor, index: int, lens: TunedLens |
     return hidden_to_logits(model, hidden).float()
 
 
-def layer_log_probs(model: nn.Module, states: torch.Tensor, lens: TunedLens | None = None) -> torch.Tensor:
+def _lens_indices(model: nn.Module, lens: TunedLens | None, depth: Sequence[int] | None) -> list[int]:
+    """Checked per-state indices for :func:`decode`: translator indices, or plain state indices."""
+    checked = check_depth(model, depth)
+    if lens is None:
+        return list(range(len(checked)))
+    lens.check_model(model, depth)
+    return lens.indices(checked)
+
+
+def layer_log_probs(
+    model: nn.Module, states: torch.Tensor, lens: TunedLens | None = None, depth: Sequence[int] | None = None
+) -> torch.Tensor:
     """Log-probabilities [S, N, V] of every state [S, N, D] (for a chunk of tokens)."""
-    return torch.stack([decode(model, h, i, lens).log_softmax(-1) for i, h in enumerate(states)])
+    indices = _lens_indices(model, lens, depth)
+    return torch.stack([decode(model, h, i, lens).log_softmax(-1) for i, h in zip(indices, states)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +403,12 @@ def train_tuned_lens(
 class LensStats:
     """How close each state's decoded distribution is to the model's final one, and to the text.
 
-    Every list has one value per state (``labels``: "emb", 1..L). ``kl_to_final`` is
+    Every list has one value per state ("emb", then layers 1..L). ``kl_to_final`` is
     KL(final || lens) in nats and ``top1_agreement`` the share of tokens whose argmax equals the
     final argmax, both averaged over all real tokens; ``cross_entropy`` (nats) and
     ``perplexity`` score the actual next token, over the tokens that have one. ``depth`` is each
-    state's depth in the full model (an emulator's state i stands for the output of its source
-    layer), the x axis on which models of different depth compare.
+    state's depth in the full model (:func:`emulator_depth`), the x axis on which models of
+    different depth compare.
     """
 
     model: str
@@ -369,10 +426,6 @@ class LensStats:
     def __post_init__(self) -> None:
         if not self.depth:
             self.depth = list(range(self.num_layers + 1))
-
-    @property
-    def labels(self) -> list[str]:
-        return state_labels(self.num_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -393,6 +446,11 @@ class LensStats:
         return stats
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum_n <a_n, b_n> for [N, V] tensors: one dot per row (no [N, V] temporary), summed in float64."""
+    return torch.einsum("nv,nv->n", a, b).double().sum().item()
+
+
 @torch.no_grad()
 def lens_statistics(
     model: nn.Module,
@@ -408,14 +466,15 @@ def lens_statistics(
     """Per-state KL to the final distribution, top-1 agreement, cross-entropy and perplexity.
 
     Streams over batches of texts and decodes ``chunk_tokens`` tokens at a time, so memory is
-    one batch's states plus a few [chunk, V] tensors; only per-state sums accumulate.
+    one batch's states plus a few [chunk, V] tensors; only per-state sums accumulate. ``depth``
+    (an emulator's, see :func:`emulator_depth`) picks the tuned lens's translators and is
+    recorded for plotting.
     """
     texts = list(texts)
     if not texts:
         raise UsageError("lens statistics need at least one text")
-    if lens is not None:
-        lens.check_model(model)
-    num_states = len(get_layers(model)) + 1
+    indices = _lens_indices(model, lens, depth)
+    num_states = len(indices)
     kl = torch.zeros(num_states, dtype=torch.float64)
     agree = torch.zeros(num_states, dtype=torch.float64)
     ce = torch.zeros(num_states, dtype=torch.float64)
@@ -425,13 +484,17 @@ def lens_statistics(
             states = batch.states[:, start : start + chunk_tokens]
             targets = batch.targets[start : start + chunk_tokens]
             has_next = targets != IGNORE_INDEX
-            final = decode(model, states[-1], num_states - 1, lens).log_softmax(-1)
+            target_ids = targets.clamp_min(0)[:, None]
+            final = decode(model, states[-1], indices[-1], lens).log_softmax(-1)
+            final_p = final.exp()
             final_top = final.argmax(-1)
-            for index in range(num_states):
-                log_q = decode(model, states[index], index, lens).log_softmax(-1)
-                kl[index] += F.kl_div(log_q, final, log_target=True, reduction="sum").item()
-                agree[index] += (log_q.argmax(-1) == final_top).sum().item()
-                ce[index] += F.cross_entropy(log_q[has_next], targets[has_next], reduction="sum").item()
+            # KL(final || q) = sum p log p - sum p log q: the first term is the same for every state.
+            neg_entropy = _row_dots(final_p, final)
+            for state, index in enumerate(indices):
+                log_q = decode(model, states[state], index, lens).log_softmax(-1)
+                kl[state] += neg_entropy - _row_dots(final_p, log_q)
+                agree[state] += (log_q.argmax(-1) == final_top).sum().item()
+                ce[state] -= log_q.gather(1, target_ids).squeeze(1)[has_next].sum().item()
             tokens += states.shape[1]
             predicted += int(has_next.sum())
     if predicted == 0:
@@ -444,11 +507,11 @@ def lens_statistics(
         samples=len(texts),
         tokens=tokens,
         predicted_tokens=predicted,
-        kl_to_final=(kl / tokens).tolist(),
+        kl_to_final=(kl / tokens).clamp_min(0.0).tolist(),
         top1_agreement=(agree / tokens).tolist(),
         cross_entropy=mean_ce,
         perplexity=[math.exp(min(x, 700.0)) for x in mean_ce],
-        depth=list(depth) if depth is not None else [],
+        depth=check_depth(model, depth),
     )
 
 
@@ -461,7 +524,7 @@ class Trajectory:
     """The lens figure's data: per state and token position, the top-1 next token and its probability.
 
     ``input_tokens[t]`` is the t-th token of the prompt; ``top_tokens[s][t]`` is what state s
-    predicts after it, with probability ``top_probs[s][t]``.
+    predicts after it, with probability ``top_probs[s][t]``. ``depth`` as in :class:`LensStats`.
     """
 
     prompt: str
@@ -471,10 +534,11 @@ class Trajectory:
     input_tokens: list[str]
     top_tokens: list[list[str]]
     top_probs: list[list[float]]
+    depth: list[int] = field(default_factory=list)
 
-    @property
-    def labels(self) -> list[str]:
-        return state_labels(self.num_layers)
+    def __post_init__(self) -> None:
+        if not self.depth:
+            self.depth = list(range(self.num_layers + 1))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -482,25 +546,30 @@ class Trajectory:
     @classmethod
     def from_dict(cls, data: dict) -> "Trajectory":
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n != "depth"]
         if missing:
             raise UsageError(f"trajectory lacks {', '.join(missing)}")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
 
 
 @torch.no_grad()
 def trajectory(
-    model: nn.Module, tokenizer, prompt: str, lens: TunedLens | None = None, name: str = "model", max_length: int = 64
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    lens: TunedLens | None = None,
+    name: str = "model",
+    max_length: int = 64,
+    depth: Sequence[int] | None = None,
 ) -> Trajectory:
     """Decode every state at every position of ``prompt`` (truncated to ``max_length`` tokens)."""
     if not prompt.strip():
         raise UsageError("the lens prompt is empty")
-    if lens is not None:
-        lens.check_model(model)
+    indices = _lens_indices(model, lens, depth)
     batch = token_states(model, tokenizer, [prompt], max_length)
     ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
     top_tokens, top_probs = [], []
-    for index, hidden in enumerate(batch.states):
+    for index, hidden in zip(indices, batch.states):
         probs, top = decode(model, hidden, index, lens).softmax(-1).max(-1)
         top_tokens.append([tokenizer.decode([t]) for t in top.tolist()])
         top_probs.append(probs.tolist())
@@ -512,4 +581,5 @@ def trajectory(
         input_tokens=[tokenizer.decode([t]) for t in ids],
         top_tokens=top_tokens,
         top_probs=top_probs,
+        depth=check_depth(model, depth),
     )

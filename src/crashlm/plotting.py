@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -172,9 +173,16 @@ def plot_offsite_table(table: dict, path: str | Path) -> Path:
 # Layer lenses and layer-to-layer divergence
 
 
+def _depth_labels(depth: list[int]) -> list[str]:
+    """State labels by full-model depth ("emb", then the layer each state stands for): for a full
+    model the same as :func:`layer_labels`, for an emulator the layers its positions came from."""
+    return ["emb", *(str(d) for d in depth[1:])]
+
+
 def _token_text(token: str, width: int = 8) -> str:
-    """A token as printable cell text: escapes for newlines and tabs, long tokens cut."""
-    text = token.replace("\n", "\\n").replace("\t", "\\t")
+    """A token as printable cell text: escapes for newlines, tabs and other control characters
+    (which fonts cannot draw), long tokens cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -191,14 +199,16 @@ def plot_trajectory(trajectory, path: str | Path, title: str | None = None) -> P
             colour = "black" if probs[s, t] > 0.6 else "white"
             ax.text(t, s, _token_text(trajectory.top_tokens[s][t]), ha="center", va="center", fontsize=fontsize, color=colour)
     ax.set_xticks(range(positions), [_token_text(tok, 12) for tok in trajectory.input_tokens], rotation=45, ha="right")
-    labels = layer_labels(trajectory.num_layers)
+    labels = _depth_labels(trajectory.depth)
     stride = max(1, math.ceil(states / 32))
     ax.set_yticks(range(0, states, stride), labels[::stride])
     ax.set_xlabel("input token (each cell: predicted next token)")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("layer (of the full model)")
     ax.set_title(title or f"{Path(trajectory.model).name}: {trajectory.lens} lens")
     fig.colorbar(image, ax=ax, label="top-1 probability", fraction=0.04)
-    return save_figure(fig, path)
+    with warnings.catch_warnings():  # tokens in scripts the font lacks (CJK...) are drawn as boxes
+        warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+        return save_figure(fig, path)
 
 
 def plot_lens_curves(stats: list, path: str | Path, title: str | None = None) -> Path:
@@ -234,25 +244,20 @@ _MEASURE_TITLES = {
 }
 
 
-def plot_divergence(result, path: str | Path) -> Path:
-    """One heatmap per divergence measure (state x state, embeddings first), in a grid."""
-    names = list(result.measures)
-    columns = 3
-    rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5.0 * columns, 4.4 * rows), constrained_layout=True, squeeze=False)
-    labels = layer_labels(result.num_layers)
+def plot_divergence(result, measure: str, path: str | Path) -> Path:
+    """Heatmap of one divergence measure between every pair of states (embeddings first)."""
+    labels = _depth_labels(result.depth)
     stride = max(1, math.ceil(len(labels) / 16))
     ticks = list(range(0, len(labels), stride))
-    for ax, name in zip(axes.flat, names):
-        image = ax.imshow(np.asarray(result.measures[name], dtype=np.float64), cmap="magma_r", interpolation="nearest")
-        ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90)
-        ax.set_yticks(ticks, [labels[t] for t in ticks])
-        ax.set_title(_MEASURE_TITLES.get(name, name))
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    fig.suptitle(f"{Path(result.model).name} on {result.task}: layer-to-layer divergence ({result.lens} lens, "
-                 f"{result.tokens} tokens)")
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    image = ax.imshow(np.asarray(result.measures[measure], dtype=np.float64), cmap="magma_r", interpolation="nearest")
+    ax.set_xticks(ticks, [labels[t] for t in ticks], rotation=90)
+    ax.set_yticks(ticks, [labels[t] for t in ticks])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{Path(result.model).name} on {result.task}: {_MEASURE_TITLES.get(measure, measure)}\n"
+                 f"{result.lens} lens, {result.tokens} tokens")
+    fig.colorbar(image, ax=ax, fraction=0.046)
     return save_figure(fig, path)
 
 
@@ -311,11 +316,11 @@ def plot_landscape_2d_surface(result, path: str | Path) -> Path:
     """3D surface of the 2D landscape, with the anchor models marked at their losses."""
     xs, ys, losses = _landscape_grid(result)
     fig = plt.figure(figsize=(7.0, 5.6))
-    ax = fig.add_subplot(projection="3d")
+    ax = fig.add_subplot(projection="3d", computed_zorder=False)  # else the surface may hide the anchors
     ax.plot_surface(xs, ys, losses.filled(np.nan), cmap="viridis", alpha=0.85, linewidth=0, antialiased=True)
     for anchor in result.anchors:
-        ax.scatter(*anchor.coords, anchor.loss, color="red", s=40, depthshade=False)
-        ax.text(*anchor.coords, anchor.loss, f" {anchor.label}", fontsize=8)
+        ax.scatter(*anchor.coords, anchor.loss, color="red", edgecolor="black", s=50, depthshade=False, zorder=10)
+        ax.text(*anchor.coords, anchor.loss, f" {anchor.label}", fontsize=8, zorder=11)
     xlabel, ylabel = _axis_labels(result)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)

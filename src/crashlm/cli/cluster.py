@@ -9,10 +9,13 @@ import typer
 from .. import plans
 from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
+from ..io import atomic_files, check_output_dir
 from . import app
-from ._common import console, positive
+from ._common import console, parse_dtype, positive
 
 SIMILARITY_SOURCES = ("cka", "lens")
+# What marks --out as crashlm's: an earlier plan, or the similarity the plan is made from.
+OUT_MARKERS = ("plan.json", "similarity.json")
 
 
 @app.command()
@@ -29,6 +32,7 @@ def cluster(
     samples: int = typer.Option(512, "--samples", help="Number of examples for the similarity."),
     pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
     batch_size: int = typer.Option(16, "--batch-size", help="Forward batch size."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights / autocast dtype: float32 or bfloat16 (same fingerprint)."),
 ) -> None:
     """Cluster layers by similarity and keep one per cluster (CRaSh), or drop uniformly (OFT)."""
     from ..models import fingerprint, load_model, num_layers
@@ -40,8 +44,10 @@ def cluster(
     positive(k, "--k")
     positive(trainable, "--trainable", allow_none=False)
     positive(samples, "--samples", allow_none=False)
+    torch_dtype = parse_dtype(dtype)
     if auto and k is not None:
         raise UsageError("give either --k or --auto, not both")
+    check_output_dir(out, OUT_MARKERS)
 
     sim = None
     if strategy == "crash" and similarity is not None:
@@ -49,7 +55,7 @@ def cluster(
 
         sim = SimilarityResult.load(similarity)
     model_spec = model or (sim.model if sim else DEFAULT_MODEL)
-    full_model, tokenizer = load_model(model_spec)
+    full_model, tokenizer = load_model(model_spec, dtype=torch_dtype)
     depth = num_layers(full_model)
     meta = {"base_fingerprint": fingerprint(full_model), "model": model_spec}
     if k is not None:
@@ -77,7 +83,8 @@ def cluster(
             from ..similarity import compute_similarity
 
             del full_model  # compute_similarity loads its own copy
-            sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size)
+            sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
+                                     dtype=torch_dtype)
             adjacent, matrix = sim.adjacent_layers, sim.cka
             settings = {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
         if auto:
@@ -86,10 +93,11 @@ def cluster(
 
     from ..plotting import plot_clusters
 
-    if sim is not None and similarity is None:
-        sim.save(out)
-    plan.save(out / "plan.json")
-    plot_clusters(plan, out / "clusters.png", matrix=matrix)
+    with atomic_files(out, OUT_MARKERS) as staging:  # all files or none
+        if sim is not None and similarity is None:
+            sim.save(staging)
+        plan.save(staging / "plan.json")
+        plot_clusters(plan, staging / "clusters.png", matrix=matrix)
     console.print(f"{plan.strategy} plan for {model_spec}: {depth} layers -> K={plan.k} kept")
     if plan.clusters:
         console.print("clusters: " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in plan.clusters))
