@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunFailure
+from .errors import RunFailure, UsageError
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,10 @@ DEFAULT_MODEL = "smollm2-135m"
 def cache_dir() -> Path:
     """The cache root: ``$CRASHLM_CACHE`` or ``~/.cache/crashlm``."""
     root = Path(os.environ.get("CRASHLM_CACHE", Path.home() / ".cache" / "crashlm")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot use the cache directory {root} (set CRASHLM_CACHE): {exc.strerror or exc}") from exc
     return root
 
 

@@ -33,8 +33,11 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise RunFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -50,21 +53,93 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+# Manifests of crashlm's directory artifacts (bundle, adapter, plugged-in or fully fine-tuned
+# model, tuned lens): atomic_dir replaces an existing directory only when it holds one of them.
+ARTIFACT_MARKERS = ("crashlm.json", "adapter.json", "crashlm_plugin.json", "training.json", "lens.json")
+
+
+def check_output_dir(path: str | os.PathLike, markers: tuple[str, ...] = ARTIFACT_MARKERS) -> None:
+    """Refuse an output path that is a file, or a non-empty directory without any of ``markers``.
+
+    Writing into, or replacing, a directory crashlm did not make (``--out ~``, a model directory)
+    would litter or destroy the user's files. ``markers`` are glob patterns relative to ``path``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UsageError(f"output {path} exists and is not a directory; choose another --out")
+    if any(path.iterdir()) and not any(next(path.glob(marker), None) for marker in markers):
+        raise UsageError(
+            f"output directory {path} exists and is not crashlm output (no {' / '.join(markers)}); "
+            "choose another --out or remove it"
+        )
+
+
+def _staging_dir(path: Path) -> Path:
+    """A private temporary directory next to ``path`` (same filesystem, so renames are atomic)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise RunFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; it replaces ``path`` (a directory) only on success."""
+    """Yield a temporary directory; it replaces ``path`` (a directory) only on success.
+
+    An existing ``path`` is replaced only when it is empty or one of crashlm's directory
+    artifacts (:data:`ARTIFACT_MARKERS`): never a directory of the user's.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    check_output_dir(path)
+    tmp = _staging_dir(path)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            # Move the old version aside first: the target is never missing nor half-deleted.
+            old = _staging_dir(path)
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunFailure(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_files(out_dir: str | os.PathLike, markers: tuple[str, ...]) -> Iterator[Path]:
+    """Yield a staging directory whose files move into ``out_dir`` only once all are written.
+
+    For commands that write several files into a directory that may hold other results (a
+    similarity and a plan side by side): a failure halfway leaves ``out_dir`` as it was, and
+    files of the same name are replaced one rename each. ``out_dir`` must be new, empty or
+    crashlm output (``markers``).
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, markers)
+    tmp = _staging_dir(out_dir)
+    try:
+        yield tmp
+        if not out_dir.exists():
+            os.chmod(tmp, 0o777 & ~_umask())
+            os.replace(tmp, out_dir)
+            return
+        for file in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+            target = out_dir / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+        shutil.rmtree(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFailure(f"cannot write {out_dir}: {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import assets
@@ -228,10 +230,16 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
 def _load_config(source: str, gguf_file: str | None):
     from transformers import AutoConfig
 
+    if gguf_file:
+        try:
+            return AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+        except (OSError, ValueError, struct.error) as exc:  # struct.error: a truncated file
+            raise UsageError(f"{Path(source) / gguf_file} is not a readable GGUF model: {str(exc).splitlines()[0]}") from exc
     try:
-        return AutoConfig.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(exc).lower() or "connect" in str(exc).lower()
+        if offline and not Path(source).exists():
             raise UsageError(
                 f"cannot load model {source!r}: not a local path or alias, and the Hugging Face hub is "
                 f"not reachable (offline). Known aliases: {', '.join(assets.MODEL_ASSETS)}"
@@ -239,10 +247,21 @@ def _load_config(source: str, gguf_file: str | None):
         raise UsageError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from exc
 
 
+def load_config(spec: str):
+    """The config of a ``--model`` value, without reading any weights: for cheap checks (supported
+    architecture, depth) before a long run."""
+    config = _load_config(*resolve_model(spec))
+    arch_spec(config)
+    return config
+
+
 def load_tokenizer(source: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:  # missing, malformed or mismatched tokenizer files
+        raise UsageError(f"cannot load the tokenizer in {source}: {(str(exc).splitlines() or [repr(exc)])[0]}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -257,28 +276,36 @@ def load_model(
     """Load ``(model, tokenizer)`` from an alias, local directory, ``.gguf`` file or hub id.
 
     The architecture is checked from the config before any weights are read, so an
-    unsupported model fails in a second with the list of supported ones.
+    unsupported model fails in a second with the list of supported ones. ``device_map``
+    (e.g. ``"auto"``, needs accelerate) spreads a model too large for one device over the
+    GPUs and CPU instead of moving it to ``device``.
     """
     from transformers import AutoModelForCausalLM
 
     source, gguf_file = resolve_model(spec)
     config = _load_config(source, gguf_file)
     arch_spec(config)
-    kwargs = {"dtype": dtype}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    tokenizer = load_tokenizer(source, gguf_file)  # also before the weights: a bad one fails fast
+    # Never unpickle a checkpoint (pytorch_model.bin): weights come from safetensors (or GGUF) only.
+    kwargs = {"dtype": dtype, **({"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True})}
     if device_map:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except SafetensorError as exc:
+        shards = sorted(Path(source).glob("*.safetensors"))
+        where = shards[0] if len(shards) == 1 else f"a weights file in {source}"
+        raise UsageError(f"cannot load model {spec!r}: {where} is corrupted or truncated ({exc})") from exc
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        pickled = not gguf_file and any(Path(source).glob("*.bin"))
+        hint = " (crashlm reads safetensors weights only, never pickled .bin files)" if pickled else ""
+        raise UsageError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}{hint}") from exc
     if getattr(model, "hf_quantizer", None) is not None and gguf_file:
         model.hf_quantizer.remove_quantization_config(model)
     if device is not None and not device_map:
         model.to(device)
     model.eval()
-    return model, load_tokenizer(source, gguf_file)
+    return model, tokenizer
 
 
 def default_device() -> torch.device:

@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from .errors import UsageError
-from .io import atomic_path
+from .io import atomic_path, read_json
+from .plans import LayerPlan
 
 REPORT_FILE = "report.html"
 # Large result JSONs (matrices, grids) are summarised rather than dumped into the page.
@@ -73,12 +74,14 @@ def _table_html(table: dict) -> str:
 
 
 def _plan_summary(path: Path) -> str:
-    plan = json.loads(path.read_text(encoding="utf-8"))
-    clusters = plan.get("clusters")
-    parts = [f"<b>{html.escape(str(path.parent.name))}</b>: {plan['strategy']} plan, "
-             f"{plan['num_layers']} layers -> K={len(plan['kept'])}; trainable {plan['trainable']}; kept {plan['kept']}"]
-    if clusters:
-        parts.append("clusters " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in clusters))
+    try:
+        plan = LayerPlan.load(path)  # checked: a broken plan is one line, not a traceback
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from exc
+    parts = [f"<b>{html.escape(str(path.parent.name))}</b>: {plan.strategy} plan, "
+             f"{plan.num_layers} layers -> K={plan.k}; trainable {plan.trainable}; kept {plan.kept}"]
+    if plan.clusters:
+        parts.append("clusters " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in plan.clusters))
     return "<p>" + "; ".join(parts) + "</p>"
 
 
@@ -94,8 +97,11 @@ def build_report(run_dir: str | Path) -> str:
     body = [f"<h1>crashlm report: {html.escape(root.resolve().name)}</h1>"]
 
     if (root / "table.json").exists():
-        table = json.loads((root / "table.json").read_text(encoding="utf-8"))
-        body.append("<h2>Offsite-tuning table</h2>" + _table_html(table))
+        table = read_json(root / "table.json", "offsite table")
+        try:
+            body.append("<h2>Offsite-tuning table</h2>" + _table_html(table))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"{root / 'table.json'} is not a crashlm offsite table ({exc!r})") from exc
         if (root / "table.png").exists():
             body.append(_figure(root / "table.png", root))
             used.add(root / "table.png")

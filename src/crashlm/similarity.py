@@ -362,13 +362,15 @@ def compute_similarity(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     max_length: int = 512,
+    device_map: str | None = None,
 ) -> SimilarityResult:
     """Layer-by-layer CKA of ``model_spec`` on the first ``samples`` texts.
 
     Texts are ``texts`` when given (``task`` is then only a label), else the validation
     examples of ``task`` rendered as context + gold answer. ``minibatch`` switches to
     minibatch CKA with that batch size, which requires the unbiased estimator. ``dtype``
-    is the weights' and autocast dtype.
+    is the weights' and autocast dtype. ``device_map`` (e.g. ``"auto"``) spreads a model too
+    large for one GPU over the devices instead of placing it on ``device``.
     """
     _check_choice(pooling, POOLINGS, "pooling")
     _check_choice(estimator, ESTIMATORS, "CKA estimator")
@@ -389,8 +391,12 @@ def compute_similarity(
     if len(texts) < MIN_SAMPLES:
         raise UsageError(f"CKA needs at least {MIN_SAMPLES} text samples, got {len(texts)}")
 
+    if device is not None and device_map is not None:
+        raise UsageError("give a device or a device map, not both")
     device = torch.device(device) if device is not None else default_device()
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device, device_map=device_map)
+    if device_map is not None:
+        device = model.get_input_embeddings().weight.device  # where a dispatched model takes its inputs
     settings = (pooling, batch_size, dtype, device, max_length)
     if minibatch is None:
         matrix = cka_matrix(collect_pooled_states(model, tokenizer, texts, *settings), estimator)

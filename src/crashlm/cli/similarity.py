@@ -9,13 +9,15 @@ import typer
 
 from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
-from ..io import read_text_lines
+from ..io import atomic_files, check_output_dir, read_text_lines
 from ..plotting import layer_labels, plot_adjacent_cka, plot_cka_grid, plot_cka_heatmap
 from ..similarity import ESTIMATORS, POOLINGS, SimilarityResult, compute_similarity
 from . import app
 from ._common import console, parse_dtype, parse_list
 
 DTYPE_CHOICES = ("float32", "bfloat16")
+# What marks --out as an earlier similarity output (one model, or --models side by side).
+OUT_MARKERS = ("similarity.json", "*/similarity.json", "plan.json")
 
 
 def _model_name(spec: str) -> str:
@@ -58,6 +60,9 @@ def similarity(
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights / autocast dtype: {', '.join(DTYPE_CHOICES)}."),
     max_length: int = typer.Option(512, "--max-length", help="Truncate texts to this many tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda if available, else cpu)."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Spread a large model over the GPUs (and CPU): 'auto' (needs accelerate). Default: off."
+    ),
     out: Path = typer.Option(Path("runs/similarity"), "--out", help="Output directory."),
 ) -> None:
     """Linear CKA between every pair of layers: similarity.json, cka_heatmap.png, adjacent_cka.png."""
@@ -67,6 +72,7 @@ def similarity(
     names = [_model_name(spec) for spec in specs]
     if len(set(names)) != len(names):
         raise UsageError(f"--models gives two models the same output name: {', '.join(names)}")
+    check_output_dir(out, OUT_MARKERS)  # before any work
     texts = read_text_lines(text, "--text file") if text is not None else None
     settings = dict(
         task=f"text:{text.name}" if text is not None else task,
@@ -78,20 +84,21 @@ def similarity(
         batch_size=batch_size,
         dtype=parse_dtype(dtype),
         device=device,
+        device_map=device_map,
         max_length=max_length,
     )
-    # Everything is computed before anything is written: a failure leaves no partial output.
+    # Everything is computed, then written to a staging directory that lands in OUT only when
+    # complete: a failure (bad input, full disk) leaves no partial output.
     results = [compute_similarity(spec, **settings) for spec in specs]
-
-    for name, result in zip(names, results):
-        target = out if len(results) == 1 else out / name
-        written = [
-            result.save(target),
-            plot_cka_heatmap(result, target / "cka_heatmap.png"),
-            plot_adjacent_cka(result, target / "adjacent_cka.png"),
-        ]
+    with atomic_files(out, OUT_MARKERS) as staging:
+        for name, result in zip(names, results):
+            folder = Path() if len(results) == 1 else Path(name)
+            result.save(staging / folder)
+            plot_cka_heatmap(result, staging / folder / "cka_heatmap.png")
+            plot_adjacent_cka(result, staging / folder / "adjacent_cka.png")
+        if len(results) > 1:
+            plot_cka_grid(results, staging / "cka_grid.png")
+        written = sorted(str(out / path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
+    for result in results:
         console.print(_summary(result), markup=False, highlight=False, soft_wrap=True)
-        console.print("wrote " + ", ".join(str(p) for p in written), markup=False, highlight=False, soft_wrap=True)
-    if len(results) > 1:
-        grid = plot_cka_grid(results, out / "cka_grid.png")
-        console.print(f"wrote {grid}", markup=False, highlight=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(written), markup=False, highlight=False, soft_wrap=True)
