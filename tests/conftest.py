@@ -5,8 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from tests.tiny import TINY_ARCHS, save_tiny, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_quiet():
+    """One torch thread per test process: ``make test`` runs one process per core, and tiny models
+    are fastest on one thread anyway. transformers' progress bars off, as in a shell run of the
+    CLI (which sets HF_HUB_DISABLE_PROGRESS_BARS before transformers loads), so stderr holds
+    only what crashlm prints."""
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
 
 
 @pytest.fixture(params=TINY_ARCHS)

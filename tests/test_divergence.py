@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from crashlm.divergence import (
     MEASURES,
@@ -33,16 +32,6 @@ TEXTS = [
     "Water boils at one hundred degrees Celsius at sea level.",
     "The quick brown fox jumps over the lazy dog.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
 
 
 def as_log_probs(*distributions: list[float]) -> torch.Tensor:

@@ -15,7 +15,6 @@ import shutil
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -117,30 +116,6 @@ def words(text: str) -> str:
 
 def assert_one_line(error: pytest.ExceptionInfo) -> None:
     assert "\n" not in str(error.value)
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models run faster on one thread (no synchronisation per 32-wide matmul), and do not
-    stall when other processes hold the cores; the real model keeps every thread."""
-    if request.node.get_closest_marker("integration"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def quiet_transformers():
-    """The CLI sets HF_HUB_DISABLE_PROGRESS_BARS before transformers loads; in this process it
-    is already loaded, so silence its progress bars as a shell run would (stderr = the error)."""
-    active = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    if active:
-        transformers.utils.logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------

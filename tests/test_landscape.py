@@ -37,15 +37,6 @@ TASK, LIMIT = "piqa", 4
 ADAPTER_LAYERS = (1, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one thread is fastest, and far faster than two on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _perturbed(layers: tuple[int, ...] | None, seed: int, scale: float = 0.2):
     """The tiny Llama with the weights of ``layers`` (all weights if None) moved by seeded noise."""
     model, tok = tiny_model("llama")

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import transformers
 
 from crashlm.emulator import build_emulator, save_bundle
 from crashlm.errors import UsageError
@@ -38,16 +37,6 @@ TEXTS = [
 # Random tiny models at the default init scale have nearly identical layers; a larger scale
 # gives layers whose lens distributions differ by about a nat, so training has work to do.
 SPREAD = dict(initializer_range=0.2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    transformers.utils.logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
 
 
 def real_token_logits(model, tokenizer, texts=None) -> tuple[torch.Tensor, object]:

@@ -12,7 +12,8 @@ Layout of ``RUN_DIR``::
     config.json                       the configuration (a re-run must match it)
     <task>/full_zs.json               evaluation results (one JSON per evaluation)
     <task>/full_ft/seed<s>/model/     fully fine-tuned model, and eval.json beside it
-    <task>/<strategy>/plan.json       layer plan (crash: similarity.json beside it)
+    <task>/similarity/                layer similarity of the task's training inputs (CRaSh)
+    <task>/<strategy>/plan.json       layer plan, clusters.png beside it
     <task>/<strategy>/emulator/       emulator bundle; emu_zs.json beside it
     <task>/<strategy>/seed<s>/adapter/  trained adapter; emu_ft.json, plugin.json beside it
     table.json, table.md, table.png   the table
@@ -77,14 +78,17 @@ class OffsiteConfig:
 
         for task in self.tasks:
             spec = get_task(task)
-            if "train" not in spec.splits:
+            if "train" not in spec.splits():
                 raise UsageError(f"task {task} has no train split here (evaluation only); offsite needs trainable tasks")
+            if self.eval_split is not None and self.eval_split not in spec.splits():
+                raise UsageError(f"task {task} has no {self.eval_split!r} split; available: {', '.join(spec.splits())}")
         unknown = [s for s in self.strategies if s not in EMULATOR_STRATEGIES]
         if unknown:
             raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from {', '.join(EMULATOR_STRATEGIES)}")
         if not self.strategies and not self.full_ft:
             raise UsageError("nothing to run: give strategies or --full-ft")
-        for name in ("similarity_samples", "val_samples", "epochs", "batch_size", "grad_accum", "distill_steps", "max_length"):
+        for name in ("trainable", "similarity_samples", "val_samples", "epochs", "batch_size", "grad_accum",
+                     "distill_steps", "max_length"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         for name in ("train_samples", "max_steps", "eval_limit", "k"):
@@ -93,6 +97,11 @@ class OffsiteConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError("seeds must be distinct and at least one")
+        from .models import load_config
+
+        depth = load_config(self.model).num_hidden_layers  # a missing or unsupported model fails here, fast
+        if self.strategies or self.distill:
+            plans.check_k(plans.default_k(depth) if self.k is None else self.k, depth, self.trainable)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,7 +125,7 @@ def _check_run_dir(run_dir: Path, config: OffsiteConfig) -> None:
             raise UsageError(
                 f"{run_dir} holds a run with other settings ({', '.join(changed)}); choose another --out"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"{run_dir} exists and is not a crashlm offsite run; choose another --out")
     write_json(path, config.to_dict())
 
@@ -180,6 +189,24 @@ class Pipeline:
             self._step(seed_dir / "eval.json", f"{task}: full FT evaluation, seed {seed}",
                        lambda seed_dir=seed_dir: self._evaluate(seed_dir / "eval.json", task, model=str(seed_dir / "model")))
 
+    def similarity(self, task: str):
+        """The task's layer similarity, computed once and shared by the CRaSh strategies.
+
+        It runs on the task's training inputs, never on evaluation items.
+        """
+        from .similarity import SimilarityResult, compute_similarity
+        from .tasks import load_examples
+
+        c = self.config
+        path = self.run_dir / task / "similarity" / "similarity.json"
+
+        def compute() -> None:
+            texts = [ex.text for ex in load_examples(task, "train", limit=c.similarity_samples)]
+            compute_similarity(c.model, task=task, texts=texts, samples=len(texts)).save(path.parent)
+
+        self._step(path, f"{task}: layer similarity (CKA)", compute)
+        return SimilarityResult.load(path)
+
     def strategy_rows(self, task: str, strategy: str) -> None:
         c = self.config
         base = "uniform" if strategy == "uniform-kd" else strategy
@@ -189,21 +216,13 @@ class Pipeline:
         def build() -> None:
             from .emulator import build_emulator, make_plan, save_bundle
             from .models import load_model
+            from .plotting import plot_clusters
             from .tasks import load_examples
 
+            similarity = None if base == "uniform" else self.similarity(task)
             model, tokenizer = load_model(c.model)
-            similarity = None
-            if base != "uniform":
-                # The similarity is computed on the task's training inputs, never on evaluation items.
-                from .similarity import compute_similarity
-
-                texts = [ex.text for ex in load_examples(task, "train", limit=c.similarity_samples)]
-                similarity = compute_similarity(c.model, task=task, texts=texts, samples=len(texts))
-                similarity.save(sdir)
-            plan = make_plan(model, base, k=c.k, trainable=c.trainable, similarity=similarity, task=task)
+            plan = make_plan(model, base, k=c.k, trainable=c.trainable, similarity=similarity, task=task, model_name=c.model)
             plan.save(sdir / "plan.json")
-            from .plotting import plot_clusters
-
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             emulator = build_emulator(model, tokenizer, plan, sharing=base == "crash-share")
             if strategy == "uniform-kd":

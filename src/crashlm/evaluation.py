@@ -1,0 +1,486 @@
+"""Zero-shot evaluation with lm-evaluation-harness on a model held in memory (``crashlm eval``).
+
+lm-eval builds the requests and computes the metrics (acc, acc_norm, their standard errors)
+from task configs made from our registry (:func:`crashlm.tasks.lm_eval_task_config`), so the
+items and their formatting are exactly those the emulators are trained on. The model side is
+:class:`CrashlmLM`, which returns the same numbers as lm-eval's ``HFLM`` up to float rounding
+(same causal encoding, :func:`crashlm.scoring.encode_pair`) with less compute per request:
+
+* requests that share a context (the choices of one item) are packed into one row: the context
+  once, then each choice, with a block attention mask and per-choice position ids so a choice
+  sees only the context and itself; the context is computed once instead of once per choice;
+* a continuation's last token is never fed to the model (nothing is predicted from it), so a
+  one-token answer costs no input token at all;
+* the unembedding and log-softmax run only at the positions that predict answer tokens instead
+  of at every position (a 49k-token vocabulary makes them a fifth of a small model's compute);
+* rows are sorted longest first and a batch ends before padding exceeds a tenth of its tokens
+  (answer lengths are long-tailed: PIQA batches of equal row count would be a third padding);
+* bf16 autocast by default where the hardware computes bf16 natively (CUDA with bf16, CPUs with
+  AVX512-BF16 or AMX). On other CPUs bf16 matmuls are emulated and several times slower than
+  fp32, so fp32 stays the default there; ``dtype=torch.bfloat16`` forces the bf16 path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from unittest import mock
+
+import torch
+from lm_eval.api.model import LM
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import RunFailure, UsageError
+from .io import read_json, write_json
+from .scoring import encode_pair
+from .tasks import SOURCES, get_task, lm_eval_task_config
+
+RESULT_FORMAT = "crashlm-eval"
+METRICS = ("acc", "acc_norm")
+
+# Architectures whose forward accepts a custom 4D attention mask with explicit position ids
+# (checked against unpacked scoring on tiny models of each, tests/test_evaluation.py). ALiBi
+# models (BLOOM, Falcon-rw) derive positions from a 2D mask: they, like any other, are scored
+# one request per row, which gives the same numbers more slowly.
+PACKABLE_ARCHITECTURES = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "opt", "gpt2", "gpt_neox",
+    "phi", "falcon",
+})
+_PACKABLE_ATTENTION = ("sdpa", "eager")
+PADDING_SLACK = 0.1  # a batch ends before its padding would exceed 10% of its real tokens
+
+Encoded = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 matmuls natively (faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def _weights_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def compute_dtype(model: nn.Module, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype evaluation computes in: ``dtype``, else bf16 for fp32 weights on native-bf16
+    hardware, else the weights' own dtype. Lower precision than the weights runs as autocast."""
+    weights = _weights_dtype(model)
+    if dtype is None:
+        device = next(model.parameters()).device
+        return torch.bfloat16 if weights == torch.float32 and native_bf16(device) else weights
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UsageError(f"cannot evaluate in {dtype}; choose float32 or bfloat16")
+    if dtype != weights and weights != torch.float32:
+        raise UsageError(f"the model's weights are {str(weights)[6:]}: evaluating in {str(dtype)[6:]} needs float32 weights")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# The lm-eval model
+
+
+@dataclass
+class _Row:
+    """One input row: a context followed by one or more continuations (request index, ids)."""
+
+    context: list[int]
+    branches: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        # A continuation's last token is only a target, never an input.
+        return len(self.context) + sum(len(ids) - 1 for _, ids in self.branches)
+
+
+class CrashlmLM(LM):
+    """lm-eval's ``LM`` interface over an in-memory causal model (any crashlm architecture,
+    emulators with shared layers included). See the module docstring for how it scores."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        batch_size: int = 16,
+        dtype: torch.dtype | None = None,
+        pack: bool = True,
+        progress: bool = True,
+    ):
+        """``batch_size``: requests (answer choices) per forward pass at most, as in lm-eval."""
+        super().__init__()
+        if batch_size <= 0:
+            raise UsageError(f"batch size must be a positive integer, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.dtype = compute_dtype(model, dtype)
+        self.autocast = self.dtype != _weights_dtype(model)
+        self.pack = pack
+        self.packed: bool | None = None  # whether the last loglikelihood call packed contexts
+        self.progress = progress
+        self._device = next(model.parameters()).device
+        config = model.config
+        self.max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+        self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.prefix_token_id
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, context: str, continuation: str) -> Encoded:
+        """lm-eval's causal encoding; an empty context becomes the prefix (BOS/EOS) token."""
+        if context:
+            pair = encode_pair(self.tokenizer, context, continuation)
+            n_context = len(pair.input_ids) - pair.num_answer_tokens
+            return pair.input_ids[:n_context], pair.input_ids[n_context:]
+        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return (ids[:1], ids[1:]) if ids and ids[0] == self.prefix_token_id else ([self.prefix_token_id], ids)
+
+    def _truncate(self, context: list[int], continuation: list[int]) -> Encoded:
+        """Left-truncate the context so the model reads at most ``max_length`` tokens."""
+        keep = self.max_length + 1 - len(continuation)
+        if keep < 1:
+            raise RunFailure(f"a continuation of {len(continuation)} tokens exceeds the model's {self.max_length} positions")
+        return context[-keep:], continuation
+
+    def can_pack(self, encoded: Sequence[Encoded]) -> bool:
+        """Packing needs a 4D-mask-aware architecture, and no sliding window that a request outgrows."""
+        config = self.model.config
+        if not self.pack or config.model_type not in PACKABLE_ARCHITECTURES or getattr(config, "alibi", False):
+            return False
+        if getattr(config, "_attn_implementation", "eager") not in _PACKABLE_ATTENTION:
+            return False
+        window = getattr(config, "sliding_window", None)
+        return window is None or all(len(c) + len(x) - 1 <= window for c, x in encoded)
+
+    # -- scoring ----------------------------------------------------------------------------
+
+    def score(
+        self, encoded: Sequence[Encoded], pack: bool | None = None, desc: str = "loglikelihood", progress: bool = True
+    ) -> list[tuple[float, bool]]:
+        """(summed log-likelihood, greedy?) of each (context ids, continuation ids), in order.
+
+        ``pack`` None packs requests that share a context whenever :meth:`can_pack` allows."""
+        encoded = [self._truncate(list(c), list(x)) for c, x in encoded]
+        if any(not c or not x for c, x in encoded):
+            raise RunFailure("every request needs a non-empty context and continuation")
+        pack = self.can_pack(encoded) if pack is None else pack
+        rows: dict[Any, _Row] = {}
+        for index, (context, continuation) in enumerate(encoded):
+            key = tuple(context) if pack else index
+            rows.setdefault(key, _Row(context)).branches.append((index, continuation))
+        # Longest first: little padding, and memory peaks at the first batch.
+        batches = list(self._batches(sorted(rows.values(), key=lambda r: (-r.width, r.context))))
+        results: list[tuple[float, bool]] = [(math.nan, False)] * len(encoded)
+        autocast = torch.autocast(self._device.type, dtype=self.dtype, enabled=self.autocast)
+        bar = tqdm(total=len(encoded), desc=desc, disable=not (progress and self.progress), unit="req", leave=False)
+        training = self.model.training
+        self.model.eval()
+        # One autocast region for all batches, so fp32 weights are cast to bf16 once.
+        try:
+            with torch.inference_mode(), autocast, bar:
+                for batch in batches:
+                    for index, value in self._score_rows(batch, pack):
+                        results[index] = value
+                    bar.update(sum(len(r.branches) for r in batch))
+        finally:
+            self.model.train(training)  # a model evaluated during training goes back to training
+        return results
+
+    def _batches(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        """Consecutive rows (sorted longest first) holding at most ``batch_size`` requests; a batch
+        also ends where padding would exceed ``PADDING_SLACK`` of its tokens (task lengths are
+        long-tailed: a fixed row count would pad short rows up to the longest one)."""
+        batch: list[_Row] = []
+        tokens = requests = 0
+        for row in rows:
+            fits = (
+                requests + len(row.branches) <= self.batch_size
+                and (len(batch) + 1) * batch[0].width <= (tokens + row.width) * (1 + PADDING_SLACK)
+            ) if batch else True
+            if not fits:
+                yield batch
+                batch, tokens, requests = [], 0, 0
+            batch.append(row)
+            tokens += row.width
+            requests += len(row.branches)
+        if batch:
+            yield batch
+
+    def _score_rows(self, rows: list[_Row], packed: bool) -> Iterator[tuple[int, tuple[float, bool]]]:
+        width = max(r.width for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 context, j branch j
+        where_row, where_pos, targets, owners = [], [], [], []
+        for b, row in enumerate(rows):
+            n = len(row.context)
+            ids, pos, seg = list(row.context), list(range(n)), [0] * n
+            for j, (index, continuation) in enumerate(row.branches, start=1):
+                start = len(ids)
+                ids += continuation[:-1]
+                pos += range(n, n + len(continuation) - 1)
+                seg += [j] * (len(continuation) - 1)
+                # The first answer token is predicted from the context's last position.
+                where_pos += [n - 1, *range(start, start + len(continuation) - 1)]
+                where_row += [b] * len(continuation)
+                targets += continuation
+                owners += [index] * len(continuation)
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            positions[b, : len(pos)] = torch.tensor(pos)
+            segments[b, : len(seg)] = torch.tensor(seg)
+        inputs = {"input_ids": input_ids.to(self._device)}
+        if packed:
+            inputs["attention_mask"] = self._block_mask(segments).to(self._device)
+            inputs["position_ids"] = positions.to(self._device)
+        else:
+            inputs["attention_mask"] = (segments >= 0).long().to(self._device)
+        rows_t = torch.tensor(where_row, device=self._device)
+        pos_t = torch.tensor(where_pos, device=self._device)
+        with _unembed_only(self.model, rows_t, pos_t):
+            logits = self.model(**inputs, use_cache=False).logits[0]  # [positions, vocab]
+        targets_t = torch.tensor(targets, device=self._device)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets_t[:, None]).squeeze(-1)
+        missed = (logits.argmax(-1) != targets_t).float()
+        local = {index: k for k, index in enumerate(dict.fromkeys(owners))}
+        owner_t = torch.tensor([local[i] for i in owners], device=self._device)
+        sums = torch.zeros(len(local), device=self._device, dtype=torch.float64).index_add_(0, owner_t, logp.double())
+        misses = torch.zeros(len(local), device=self._device).index_add_(0, owner_t, missed)
+        for index, k in local.items():
+            yield index, (float(sums[k]), bool(misses[k] == 0))
+
+    def _block_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T] mask: causal, padding excluded, a continuation never sees another one."""
+        width = segments.size(1)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
+        allowed = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))
+        if getattr(self.model.config, "_attn_implementation", "eager") == "sdpa":
+            return allowed[:, None]
+        mask = torch.zeros(allowed.shape, dtype=_weights_dtype(self.model))
+        return mask.masked_fill_(~allowed, torch.finfo(mask.dtype).min)[:, None]
+
+    # -- lm-eval interface ------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        encoded = [self.encode(*req.args) for req in requests]
+        self.packed = self.can_pack(encoded)
+        return self.score(encoded, pack=self.packed, progress=not disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood, in lm-eval's disjoint rolling windows of ``max_length``."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owners = [], []
+        for index, req in enumerate(requests):
+            tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        scores = self.score(windows, pack=False, desc="rolling loglikelihood", progress=not disable_tqdm)
+        for index, (value, _) in zip(owners, scores):
+            totals[index] += value
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError(
+            "crashlm evaluates multiple-choice (loglikelihood) tasks only; generation tasks are not supported"
+        )
+
+
+@contextlib.contextmanager
+def _unembed_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Feed the unembedding only the hidden states at (rows, positions), as one [1, N, d] batch.
+
+    Works on every architecture: the model's own unembedding (and any logit soft-capping after
+    it) runs unchanged, on N positions instead of all B * T.
+    """
+
+    def pick(_module, args):
+        return (args[0][rows, positions][None], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class EvalResult:
+    """Scores per task (acc, acc_norm, their standard errors, n), the exact configuration,
+    lm-eval's own results for the tasks, and per-item log-likelihoods."""
+
+    scores: dict[str, dict[str, float]]
+    config: dict[str, Any]
+    lm_eval: dict[str, Any]
+    items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": RESULT_FORMAT, "scores": self.scores, "config": self.config, "lm_eval": self.lm_eval,
+                "items": self.items}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResult:
+        return cls(data["scores"], data["config"], data.get("lm_eval", {}), data.get("items", {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON, atomically."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> EvalResult:
+        data = read_json(path, "evaluation result")
+        if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or "config" not in data:
+            raise UsageError(f"{path} is not a crashlm evaluation result (no scores/config)")
+        return cls.from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def resolve_splits(tasks: Sequence[str], split: str | None = None, source: str = "offline") -> dict[str, str]:
+    """The split each task is evaluated on (``split``, else the task's evaluation split);
+    UsageError for unknown or repeated tasks and missing splits, before any model is loaded."""
+    if not tasks:
+        raise UsageError("give at least one task")
+    if len(set(tasks)) != len(tasks):
+        raise UsageError(f"a task is listed twice: {', '.join(tasks)}")
+    if source not in SOURCES:
+        raise UsageError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    splits = {}
+    for task in tasks:
+        spec = get_task(task)
+        splits[task] = split or spec.eval_split
+        if splits[task] not in spec.splits(source):
+            raise UsageError(f"task {task} has no {splits[task]!r} split ({source}); available: {', '.join(spec.splits(source))}")
+    return splits
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """Silence lm-eval's and datasets' INFO/WARNING chatter and their progress bars (lm-eval's
+    unlabelled per-task "building requests" bar included); only the scoring bar remains."""
+    import datasets
+    import lm_eval.api.task
+
+    logger = logging.getLogger("lm_eval")
+    level, bars = logger.level, datasets.utils.logging.is_progress_bar_enabled()
+    verbosity = datasets.utils.logging.get_verbosity()
+    logger.setLevel(logging.ERROR)
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        with mock.patch.object(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)):
+            yield
+    finally:
+        logger.setLevel(level)
+        datasets.utils.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def _jsonable(value: Any) -> Any:
+    """Keep what JSON can hold; numpy values become numbers, anything else (functions) a string."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist"):  # numpy scalars and arrays
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _items(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "doc_id": s["doc"].get("doc_id", s["doc_id"]),
+            "gold": int(s["target"]),
+            "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]],
+            "acc": float(s["acc"]),
+            "acc_norm": float(s["acc_norm"]),
+        }
+        for s in sorted(samples, key=lambda s: s["doc_id"])
+    ]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    split: str | None = None,
+    batch_size: int = 16,
+    description: dict | None = None,
+    dtype: torch.dtype | None = None,
+    source: str = "offline",
+    progress: bool = True,
+) -> EvalResult:
+    """Zero-shot acc / acc_norm of ``model`` on the first ``limit`` items of each task's split.
+
+    ``split`` None means each task's evaluation split (``TaskSpec.eval_split``); ``dtype`` None
+    means bf16 autocast on native-bf16 hardware, else the weights' dtype. lm-eval's core
+    ``evaluator.evaluate`` runs the tasks (``simple_evaluate`` would also reseed the global RNGs
+    and spend seconds collecting environment details on every call).
+    """
+    import lm_eval
+    from lm_eval.evaluator import evaluate as lm_eval_evaluate
+    from lm_eval.tasks import TaskManager
+
+    splits = resolve_splits(list(tasks), split, source)
+    lm = CrashlmLM(model, tokenizer, batch_size=batch_size, dtype=dtype, progress=progress)
+    configs = {task: dict(lm_eval_task_config(task, splits[task], limit, source), num_fewshot=0) for task in splits}
+    with _quiet_lm_eval():
+        loaded = TaskManager(include_defaults=False).load(list(configs.values()))
+        output = lm_eval_evaluate(lm=lm, task_dict=loaded, bootstrap_iters=1000, log_samples=True)
+    if output is None:
+        raise RunFailure("lm-eval returned no results")
+    scores, items = {}, {}
+    for task, config in configs.items():
+        name = config["task"]
+        numbers = output["results"][name]
+        scores[task] = {key: float(numbers[f"{key},none"]) for m in METRICS for key in (m, f"{m}_stderr")}
+        scores[task]["n"] = int(output["n-samples"][name]["effective"])
+        items[task] = _items(output["samples"][name])
+    names = [configs[t]["task"] for t in configs]
+    run_config = {
+        "tasks": list(splits),
+        "splits": splits,
+        "limit": limit,
+        "batch_size": batch_size,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "weights_dtype": str(_weights_dtype(model)).removeprefix("torch."),
+        "autocast": lm.autocast,
+        "packed": lm.packed,
+        "device": str(lm.device),
+        "num_fewshot": 0,
+        "source": source,
+        "lm_eval_version": lm_eval.__version__,
+        "crashlm_version": __version__,
+        "torch_version": torch.__version__,
+        "model": description or {},
+    }
+    lm_eval_part = {key: {n: output[key][n] for n in names if n in output.get(key, {})}
+                    for key in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples")}
+    return EvalResult(scores, run_config, _jsonable(lm_eval_part), items)
