@@ -183,7 +183,7 @@ class Pipeline:
 
             def train(seed=seed, seed_dir=seed_dir):
                 model, tokenizer = load_model(c.model)
-                train_full(model, tokenizer, self._train_config(task, seed), seed_dir / "model")
+                train_full(model, tokenizer, self._train_config(task, seed), seed_dir / "model", resume=True)
 
             self._step(seed_dir / "model", f"{task}: full fine-tuning, seed {seed}", train)
             self._step(seed_dir / "eval.json", f"{task}: full FT evaluation, seed {seed}",
@@ -244,7 +244,7 @@ class Pipeline:
                 from .emulator import load_emulator
                 from .training import train_adapter
 
-                train_adapter(load_emulator(bundle), self._train_config(task, seed), adapter)
+                train_adapter(load_emulator(bundle), self._train_config(task, seed), adapter, resume=True)
 
             self._step(adapter, f"{task}: {strategy} adapter training, seed {seed}", train)
             self._step(seed_dir / "emu_ft.json", f"{task}: {strategy} emulator + adapter, seed {seed}",
