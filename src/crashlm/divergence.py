@@ -23,7 +23,7 @@ never shows as a spurious self-distance.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .io import read_json, write_json
+from .io import dataclass_fields, read_json, write_json
 from .lens import TunedLens, check_depth, iter_token_states, layer_log_probs
 
 MEASURES = ("js", "kl", "hellinger", "l2", "cosine")
@@ -199,13 +199,7 @@ class DivergenceResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "DivergenceResult":
-        if not isinstance(data, dict):
-            raise UsageError("a divergence result must be a JSON object")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n not in ("depth", "settings")]
-        if missing:
-            raise UsageError(f"divergence result lacks {', '.join(missing)}")
-        result = cls(**{n: data[n] for n in names if n in data})
+        result = cls(**dataclass_fields(cls, data, "divergence result"))
         size = result.num_layers + 1
         if not isinstance(result.measures, dict) or set(result.measures) != set(MEASURES):
             raise UsageError(f"divergence result must hold the measures {', '.join(MEASURES)}")

@@ -203,3 +203,23 @@ def load_tensors(path: str | os.PathLike, expected_sha256: str | None = None) ->
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UsageError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def dataclass_fields(cls, data: Any, what: str) -> dict[str, Any]:
+    """The keyword arguments of dataclass ``cls`` found in JSON ``data``; every field without a
+    default must be there (one-line UsageError naming ``what`` otherwise). Unknown keys are
+    ignored, so files written by newer versions still load."""
+    import dataclasses
+
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    names = [f.name for f in dataclasses.fields(cls)]
+    required = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise UsageError(f"{what} lacks {', '.join(missing)}")
+    return {name: data[name] for name in names if name in data}
+

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import RunFailure, UsageError
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_dir, dataclass_fields, load_tensors, read_json, save_tensors, write_json
 from .models import capture_layer_io, get_layers, hidden_to_logits
 from .scoring import IGNORE_INDEX
 
@@ -432,13 +432,7 @@ class LensStats:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LensStats":
-        if not isinstance(data, dict):
-            raise UsageError("lens statistics must be a JSON object")
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "depth"]
-        if missing:
-            raise UsageError(f"lens statistics lack {', '.join(missing)}")
-        stats = cls(**{n: data[n] for n in names if n in data})
+        stats = cls(**dataclass_fields(cls, data, "lens statistics"))
         size = stats.num_layers + 1
         series = (stats.kl_to_final, stats.top1_agreement, stats.cross_entropy, stats.perplexity, stats.depth)
         if any(not isinstance(s, list) or len(s) != size for s in series):
@@ -545,11 +539,7 @@ class Trajectory:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trajectory":
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in data and n != "depth"]
-        if missing:
-            raise UsageError(f"trajectory lacks {', '.join(missing)}")
-        return cls(**{n: data[n] for n in names if n in data})
+        return cls(**dataclass_fields(cls, data, "trajectory"))
 
 
 @torch.no_grad()
