@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import crashlm
 from crashlm import assets
 from crashlm.emulator import (
     BASE_WEIGHTS,
@@ -207,6 +208,7 @@ def test_emulator_follows_the_plan_and_its_bundle_round_trips_without_removed_la
     assert loaded.slots == emulator.slots and loaded.base_fingerprint == emulator.base_fingerprint
     assert_stack_follows_plan(loaded, full)
     assert torch.equal(logits(loaded.model, tokenizer), expected)
+    assert torch.equal(logits(crashlm.load_emulator(bundle).model, tokenizer), expected)  # the package-level entry
 
     # Privacy: no tensor of a removed layer; the same check does see the kept ones.
     assert leaked_tensors(bundle, full) == []

@@ -666,3 +666,8 @@ def test_every_artifact_is_written_to_a_temporary_name_first():
         and not any(name == file and snippet in line for file, snippet in APPEND_ONLY)
     ]
     assert direct == [], "write through crashlm.io.atomic_path / atomic_dir / atomic_files"
+
+
+def test_eval_refuses_a_directory_as_its_output_before_loading(tmp_path, capsys):
+    code, _, err = run_cli(["eval", "--tasks", "piqa", "--limit", "2", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: output") and "Traceback" not in err

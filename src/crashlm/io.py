@@ -33,6 +33,7 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
+    check_output_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -56,6 +57,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 # Manifests of crashlm's directory artifacts (bundle, adapter, plugged-in or fully fine-tuned
 # model, tuned lens): atomic_dir replaces an existing directory only when it holds one of them.
 ARTIFACT_MARKERS = ("crashlm.json", "adapter.json", "crashlm_plugin.json", "training.json", "lens.json")
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse a file output that names an existing directory (before any work is done)."""
+    if Path(path).is_dir():
+        raise UsageError(f"output {path} is a directory; give a file path")
 
 
 def check_output_dir(path: str | os.PathLike, markers: tuple[str, ...] = ARTIFACT_MARKERS) -> None:

@@ -35,6 +35,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
     from ..evaluation import evaluate, resolve_splits
+    from ..io import check_output_file
     from ..models import default_device
     from ..plugin import load_target
 
@@ -43,7 +44,8 @@ def eval_command(
     names = parse_list(tasks, "--tasks")
     positive(limit, "--limit")
     positive(batch_size, "--batch-size", allow_none=False)
-    resolve_splits(names, split, data_source)  # fail on a bad task or split before loading a model
+    resolve_splits(names, split, data_source)  # fail on a bad task, split or output before loading a model
+    check_output_file(out)
     module, tokenizer, description = load_target(model=model, emulator=emulator, adapter=adapter, device=device or default_device())
     result = evaluate(
         module, tokenizer, names, limit=limit, split=split, batch_size=batch_size, description=description,
