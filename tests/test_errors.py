@@ -671,3 +671,13 @@ def test_every_artifact_is_written_to_a_temporary_name_first():
 def test_eval_refuses_a_directory_as_its_output_before_loading(tmp_path, capsys):
     code, _, err = run_cli(["eval", "--tasks", "piqa", "--limit", "2", "--out", str(tmp_path)], capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: output") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["lens", "divergence"])
+def test_lens_and_divergence_refuse_a_foreign_directory(command, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    code, _, err = run_cli([command, "--model", str(tiny_llama_dir), "--samples", "2", "--out", str(out)], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -10,7 +10,8 @@ import typer
 
 from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
-from ..io import read_text_lines, write_json
+from ..divergence import RESULT_FILE as DIVERGENCE_FILE
+from ..io import atomic_files, check_output_dir, read_text_lines, write_json
 from . import app
 from ._common import console, positive
 
@@ -139,6 +140,7 @@ def lens(
     positive(batch_size, "--batch-size", allow_none=False)
     if not prompt.strip():
         raise UsageError("--prompt is empty")
+    check_output_dir(out, (LENS_FILE,))
     for path in emulators or []:
         read_manifest(path)  # a wrong path fails before the full model's work
     tuned = _read_lens(lens_kind, lens_path)
@@ -167,10 +169,12 @@ def lens(
         "models": [item.to_dict() for item in stats],
         "trajectories": [item.to_dict() for item in paths],
     }
-    written = [write_json(out / LENS_FILE, record), plot_trajectory(paths[0], out / "trajectory.png")]
-    for path, item in zip(emulators or [], paths[1:]):
-        written.append(plot_trajectory(item, out / f"trajectory_{_file_stem(path.name)}.png"))
-    written.append(plot_lens_curves(stats, out / "lens_curves.png"))
+    with atomic_files(out, (LENS_FILE,)) as staging:  # all files or none
+        names = [write_json(staging / LENS_FILE, record).name, plot_trajectory(paths[0], staging / "trajectory.png").name]
+        for path, item in zip(emulators or [], paths[1:]):
+            names.append(plot_trajectory(item, staging / f"trajectory_{_file_stem(path.name)}.png").name)
+        names.append(plot_lens_curves(stats, staging / "lens_curves.png").name)
+    written = [out / name for name in names]
     for item in stats:
         _print(_stats_line(item))
     _print("wrote " + ", ".join(str(p) for p in written))
@@ -234,6 +238,7 @@ def divergence(
 
     if model is not None and emulator is not None:
         raise UsageError("give --model or --emulator, not both")
+    check_output_dir(out, (DIVERGENCE_FILE,))
     positive(max_length, "--max-length", allow_none=False)
     positive(batch_size, "--batch-size", allow_none=False)
     tuned = _read_lens(lens_kind, lens_path)
@@ -249,7 +254,9 @@ def divergence(
     result.settings = {"lens_path": str(lens_path) if lens_path else None, "emulator": str(emulator) if emulator else None,
                        "max_length": max_length, "batch_size": batch_size}
 
-    written = [result.save(out)] + [plot_divergence(result, m, out / f"divergence_{m}.png") for m in MEASURES]
+    with atomic_files(out, (DIVERGENCE_FILE,)) as staging:  # all files or none
+        names = [result.save(staging).name] + [plot_divergence(result, m, staging / f"divergence_{m}.png").name for m in MEASURES]
+    written = [out / name for name in names]
     adjacent = adjacent_similarity(result, "js") or [1.0]
     _print(f"{name} on {source} ({result.lens} lens, {result.samples} samples, {result.tokens} tokens): "
            f"{result.num_layers + 1} states; adjacent-layer JS similarity mean {sum(adjacent) / len(adjacent):.3f}, "
