@@ -244,7 +244,7 @@ def test_cli_divergence_of_a_model_and_of_an_emulator(tiny_llama_dir, text_file,
     ("args", "message"),
     [
         (["--lens", "fancy"], "unknown lens 'fancy'"),
-        (["--lens", "tuned", "--lens-path", "NOWHERE"], "tuned lens metadata not found"),
+        (["--lens", "tuned", "--lens-path", "NOWHERE"], "tuned lens not found"),
         (["--emulator", "NOWHERE"], "give --model or --emulator, not both"),
         (["--text", "EMPTY"], "has no non-empty line"),
         (["--max-length", "0"], "--max-length must be a positive integer"),

@@ -513,7 +513,7 @@ def test_cli_plugin_of_a_missing_adapter_exits_2(plus_dir, tmp_path, capsys):
     out = tmp_path / "plugged"
     code, _, stderr = run_cli(["plugin", "--model", str(plus_dir), "--adapter", str(tmp_path / "none"),
                                "--out", str(out)], capsys)
-    assert code == 2 and "adapter directory not found" in stderr and not out.exists()
+    assert code == 2 and "adapter not found" in stderr and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------

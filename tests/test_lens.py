@@ -300,7 +300,7 @@ def test_cli_lens_on_a_task(tiny_llama_dir, tmp_path, capsys):
     [
         (["--lens", "fancy"], "unknown lens 'fancy'"),
         (["--lens", "tuned"], "--lens tuned needs --lens-path"),
-        (["--lens", "tuned", "--lens-path", "NOWHERE"], "tuned lens metadata not found"),
+        (["--lens", "tuned", "--lens-path", "NOWHERE"], "tuned lens not found"),
         (["--lens-path", "NOWHERE"], "--lens-path applies to --lens tuned"),
         (["--text", "EMPTY"], "has no non-empty line"),
         (["--samples", "0"], "--samples must be a positive integer"),

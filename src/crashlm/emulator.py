@@ -46,7 +46,7 @@ from torch import nn
 
 from . import __version__
 from .errors import UsageError
-from .io import atomic_dir, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .io import atomic_dir, load_tensors, read_artifact_meta, read_json, save_tensors, sha256_file, write_json
 from .models import arch_spec, fingerprint, get_layers, load_tokenizer, num_layers, set_layers
 from .plans import DEFAULT_TRAINABLE, LayerPlan, Slot, check_k, crash_plan, default_k, uniform_plan
 
@@ -285,13 +285,7 @@ def is_bundle(path: str | Path) -> bool:
 def read_manifest(path: str | Path) -> dict:
     """The checked ``crashlm.json`` of a bundle (UsageError when ``path`` is not a bundle)."""
     path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"emulator bundle not found: {path}")
-    manifest = read_json(path / MANIFEST, "emulator bundle manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise UsageError(f"{path} is not a crashlm emulator bundle")
-    if manifest.get("version", 0) > BUNDLE_VERSION:
-        raise UsageError(f"{path}: bundle version {manifest['version']} is newer than this crashlm understands")
+    manifest = read_artifact_meta(path, MANIFEST, "emulator bundle", BUNDLE_FORMAT, BUNDLE_VERSION)
     missing = [key for key in ("layout", "plan", "sharing", "share_trainable", "slots", "sha256") if key not in manifest]
     if missing or manifest["layout"] not in LAYOUTS:
         raise UsageError(f"{path}: incomplete bundle manifest (missing or bad: {', '.join(missing) or 'layout'})")

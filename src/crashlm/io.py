@@ -168,6 +168,23 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise UsageError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
+def read_artifact_meta(directory: str | os.PathLike, filename: str, kind: str, fmt: str, version: int) -> dict:
+    """The metadata JSON of a crashlm artifact directory, checked for its format tag and version.
+
+    Bundles, adapters and lenses all carry one; the tag tells a foreign directory apart from ours
+    before any tensor is read, and the version refuses files from a newer crashlm.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{kind} not found: {directory}")
+    meta = read_json(directory / filename, f"{kind} metadata")
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise UsageError(f"{directory} is not a crashlm {kind} (no {filename} with format {fmt!r})")
+    if meta.get("version", 0) > version:
+        raise UsageError(f"{directory}: {kind} version {meta['version']} is newer than this crashlm understands")
+    return meta
+
+
 def read_text_lines(path: str | os.PathLike, what: str = "text file") -> list[str]:
     """The non-empty lines of a UTF-8 text file, stripped: one sample per line."""
     path = Path(path)

