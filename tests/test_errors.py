@@ -587,6 +587,7 @@ def test_fetch_without_the_package_index_is_a_run_failure(tmp_path, capsys, monk
     (["--trainable", "4"], "K=3 is out of range"),  # the default K (half the layers) is too small
     (["--eval-split", "dev"], "task piqa has no 'dev' split"),
     (["--eval-limit", "0"], "eval-limit must be positive"),
+    (["--eval-every", "0"], "eval-every must be positive"),
     (["--train-samples", "-1"], "train-samples must be positive"),
     (["--batch-size", "0"], "batch-size must be positive"),
     (["--model", "MISSING"], "model path not found"),

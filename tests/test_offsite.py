@@ -25,7 +25,7 @@ def run(tmp_path_factory):
     args = [
         "offsite", "--model", str(model), "--tasks", "piqa", "--k", "4", "--trainable", "2",
         "--similarity-samples", "8", "--train-samples", "16", "--val-samples", "8", "--max-steps", "2",
-        "--batch-size", "4", "--eval-limit", "8", "--max-length", "64", "--out", str(root / "run"),
+        "--eval-every", "1", "--batch-size", "4", "--eval-limit", "8", "--max-length", "64", "--out", str(root / "run"),
     ]
     return root / "run", args
 
@@ -50,6 +50,8 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     # The Plug-in rows are the full model with the adapter: the same layers the plan trains.
     adapter = json.loads((run_dir / "piqa/crash/seed1/adapter/adapter.json").read_text())
     assert adapter["sources"] == crash["trainable"]
+    # --eval-every reaches every training run: a validation loss before training and after each step.
+    assert adapter["training"]["config"]["eval_every"] == 1 and [p["step"] for p in adapter["validation_curve"]] == [0, 1, 2]
     assert "| Full ZS |" in (run_dir / "table.md").read_text()
 
 

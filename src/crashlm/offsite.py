@@ -43,7 +43,8 @@ STRATEGY_NAMES = {
 # Fields that change what a finished step would have produced; a re-run must keep them.
 _FROZEN_FIELDS = (
     "model", "k", "trainable", "similarity_samples", "train_samples", "val_samples", "epochs",
-    "max_steps", "lr", "batch_size", "grad_accum", "eval_limit", "eval_split", "distill_steps", "max_length",
+    "max_steps", "lr", "batch_size", "grad_accum", "eval_every", "eval_limit", "eval_split", "distill_steps",
+    "max_length",
 )
 
 
@@ -66,6 +67,7 @@ class OffsiteConfig:
     lr: float = 1e-4
     batch_size: int = 8
     grad_accum: int = 1
+    eval_every: int | None = None  # validation loss every K steps; None: once per epoch
     eval_limit: int | None = 300
     eval_split: str | None = None
     seeds: list[int] = field(default_factory=lambda: [1])
@@ -91,7 +93,7 @@ class OffsiteConfig:
                      "distill_steps", "max_length"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
-        for name in ("train_samples", "max_steps", "eval_limit", "k"):
+        for name in ("train_samples", "max_steps", "eval_every", "eval_limit", "k"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
@@ -155,7 +157,7 @@ class Pipeline:
         return TrainConfig(
             task=task, train_samples=c.train_samples, val_samples=c.val_samples, epochs=c.epochs,
             max_steps=c.max_steps, lr=c.lr, batch_size=c.batch_size, grad_accum=c.grad_accum, seed=seed,
-            max_length=c.max_length,
+            eval_every=c.eval_every, max_length=c.max_length,
         )
 
     def _evaluate(self, out: Path, task: str, **target) -> None:

@@ -30,6 +30,9 @@ def offsite(
     lr: float = typer.Option(1e-4, "--lr", help="Learning rate (AdamW, cosine schedule)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Training batch size."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
+    eval_every: int = typer.Option(
+        None, "--eval-every", help="Validation loss every K optimizer steps (best kept). Default: at the end of each epoch."
+    ),
     eval_limit: int = typer.Option(300, "--eval-limit", help="Evaluation items per task (0 < N; omit the option for the default)."),
     eval_split: str = typer.Option(None, "--eval-split", help="Evaluation split (default: each task's paper split)."),
     seeds: str = typer.Option("1", "--seeds", help="Comma-separated seeds for the trained rows."),
@@ -43,7 +46,7 @@ def offsite(
         model=model, tasks=parse_list(tasks, "--tasks"), strategies=parse_list(strategies, "--strategies"),
         full_ft=full_ft, distill=distill, k=k, trainable=trainable, similarity_samples=similarity_samples,
         train_samples=train_samples, val_samples=val_samples, epochs=epochs, max_steps=max_steps, lr=lr,
-        batch_size=batch_size, grad_accum=grad_accum, eval_limit=eval_limit, eval_split=eval_split,
+        batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, eval_limit=eval_limit, eval_split=eval_split,
         seeds=parse_int_list(seeds, "--seeds"), distill_steps=distill_steps, max_length=max_length,
     )
     table = run_offsite(config, out, console)
