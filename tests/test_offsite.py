@@ -67,6 +67,20 @@ def test_offsite_rerun_skips_finished_steps_and_refuses_other_settings(run, caps
     assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+def test_same_seed_gives_an_identical_table_and_identical_weights(run, tmp_path, capsys):
+    run_dir, args = run
+    if not (run_dir / "table.json").exists():  # the first test ran on another worker
+        assert run_cli(args, capsys)[0] == 0
+    again = tmp_path / "again"
+    assert args[-2] == "--out"
+    code, stdout, _ = run_cli([*args[:-1], str(again)], capsys)
+    assert code == 0 and "run  piqa: full fine-tuning, seed 1" in stdout  # a fresh run, not a copy
+    assert json.loads((again / "table.json").read_text())["rows"] == json.loads((run_dir / "table.json").read_text())["rows"]
+    for weights in ("uniform/seed1/adapter/adapter.safetensors", "crash-share/seed1/adapter/adapter.safetensors",
+                    "full_ft/seed1/model/model.safetensors"):
+        assert (again / "piqa" / weights).read_bytes() == (run_dir / "piqa" / weights).read_bytes(), weights
+
+
 def test_table_gain_recovered_follows_the_paper_definition(tmp_path):
     config = OffsiteConfig(model="m", tasks=["piqa"], strategies=["uniform"], seeds=[1, 2])
     scores = {"full_zs.json": 0.5, "full_ft/seed1/eval.json": 0.7, "full_ft/seed2/eval.json": 0.7,
