@@ -39,7 +39,8 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 # The paper's table on the embedded model for three tasks at a small budget: 11 minutes on an
-# idle 2-core machine (benchmarks/results/offsite_smollm2.md); re-running continues where it stopped.
+# idle 2-core CPU with native bf16, longer without (benchmarks/results/offsite_smollm2.md);
+# re-running continues where it stopped.
 demo: assets
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/crashlm offsite --model smollm2-135m \
 		--tasks piqa,arc_easy,openbookqa --strategies uniform,crash,crash-share --full-ft \
