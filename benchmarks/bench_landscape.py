@@ -40,10 +40,10 @@ def _load(spec: str, random_init: bool):
         return load_model(spec, dtype=torch.float32)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source, gguf_file = resolve_model(spec)
-    config = AutoConfig.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(source)
+    source = resolve_model(spec)
+    config = AutoConfig.from_pretrained(source)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), load_tokenizer(source, gguf_file)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), load_tokenizer(source)
 
 
 @torch.no_grad()

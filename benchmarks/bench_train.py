@@ -70,7 +70,7 @@ def load(model: str, random_init: bool, dtype=torch.float32):
     try:
         from crashlm.models import resolve_model
 
-        config = AutoConfig.from_pretrained(resolve_model(model)[0])
+        config = AutoConfig.from_pretrained(resolve_model(model))
     except Exception:  # no model files here: the built-in SmolLM2-135M shape
         if model != "smollm2-135m":
             raise

@@ -263,7 +263,7 @@ def test_cli_cluster_by_lens_divergence(tiny_llama_dir, tmp_path, capsys):
                             "--trainable", "2", "--samples", "3", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     plan = LayerPlan.load(tmp_path / "plan.json")
-    assert plan.k == 4 and plan.similarity == {"source": "lens", "measure": "js", "task": "piqa", "samples": 3}
+    assert plan.k == 4 and plan.similarity == {"source": "lens", "measure": "js", "task": "piqa", "split": "train", "samples": 3}
 
 
 # ---------------------------------------------------------------------------------------------

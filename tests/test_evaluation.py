@@ -110,8 +110,12 @@ def test_long_contexts_are_truncated_from_the_left():
     (value, _), = lm.score([(long_context, answer)], progress=False)
     (expected, _), = lm.score([(long_context[-(lm.max_length + 1 - len(answer)):], answer)], progress=False)
     assert value == pytest.approx(expected, abs=1e-5)
-    with pytest.raises(RunFailure, match="exceeds"):
-        lm.score([([1], list(range(10, 140)))], progress=False)
+    # An answer longer than the model reads keeps its last max_length tokens, as training keeps them.
+    answer = list(range(10, 140))
+    (value, _), = lm.score([([1], answer)], progress=False)
+    assert lm.truncated == 1
+    (expected, _), = lm.score([(answer[-(lm.max_length + 1):][:1], answer[-lm.max_length:])], progress=False)
+    assert value == pytest.approx(expected, abs=1e-5) and lm.truncated == 0
 
 
 def test_rolling_loglikelihood_and_generation():

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from crashlm.models import ARCHITECTURES
@@ -98,11 +98,16 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes) with pad/eos/bos, padding on the right."""
+def tiny_tokenizer(add_bos: bool = False, padding_side: str = "right") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes) with pad/eos/bos. ``add_bos``: it prepends
+    BOS by default, as Gemma's, Llama 3's and OPT's do; ``padding_side`` as Gemma's (left) or not."""
+    tokenizer = Tokenizer.from_str(_tokenizer_json())
+    if add_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 2)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
+        padding_side=padding_side,
     )
 
 
@@ -122,18 +127,19 @@ def tiny_config(arch: str, num_layers: int = 6, **overrides: Any):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def tiny_model(arch: str, num_layers: int = 6, **overrides: Any):
-    """``(model, tokenizer)``: a seeded, float32, eval-mode tiny model of ``arch``."""
+def tiny_model(arch: str, num_layers: int = 6, add_bos: bool = False, **overrides: Any):
+    """``(model, tokenizer)``: a seeded, float32, eval-mode tiny model of ``arch``; ``add_bos``:
+    with a tokenizer that prepends BOS."""
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers, **overrides), dtype=torch.float32)
     model.generation_config.pad_token_id = 0
-    return model.eval(), tiny_tokenizer()
+    return model.eval(), tiny_tokenizer(add_bos)
 
 
-def save_tiny(arch: str, path: str | Path, num_layers: int = 6, **overrides: Any) -> Path:
+def save_tiny(arch: str, path: str | Path, num_layers: int = 6, add_bos: bool = False, **overrides: Any) -> Path:
     """Write a tiny model and its tokenizer as a HF directory, for ``--model path`` in CLI tests."""
     path = Path(path)
-    model, tok = tiny_model(arch, num_layers, **overrides)
+    model, tok = tiny_model(arch, num_layers, add_bos, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

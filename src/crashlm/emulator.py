@@ -49,6 +49,7 @@ from .errors import UsageError
 from .io import atomic_dir, load_tensors, read_artifact_meta, read_json, save_tensors, sha256_file, write_json
 from .models import arch_spec, fingerprint, get_layers, load_tokenizer, num_layers, set_layers
 from .plans import DEFAULT_TRAINABLE, LayerPlan, Slot, check_k, crash_plan, default_k, uniform_plan
+from .tasks import ANALYSIS_SPLIT
 
 if TYPE_CHECKING:
     from .similarity import SimilarityResult
@@ -88,11 +89,13 @@ def make_plan(
     samples: int = 512,
     pooling: str = "mean_weighted",
     model_name: str | None = None,
+    split: str = ANALYSIS_SPLIT,
 ) -> LayerPlan:
     """The layer plan of ``strategy`` for ``model``, stamped with its fingerprint and name.
 
     CRaSh strategies cluster by ``similarity`` (a :class:`~crashlm.similarity.SimilarityResult`).
-    When it is not given it is computed on ``samples`` validation examples of ``task`` by
+    When it is not given it is computed on ``samples`` examples of ``task``'s ``split`` (the
+    train split by default: no evaluation item shapes the plan) by
     :func:`~crashlm.similarity.compute_similarity`, which loads ``model_name`` itself; K is
     checked first, so a bad K fails before that work.
     """
@@ -109,7 +112,7 @@ def make_plan(
 
         if model_name is None:
             raise UsageError("computing the layer similarity needs the model's name or path (model_name)")
-        similarity = compute_similarity(model_name, task=task, samples=samples, pooling=pooling)
+        similarity = compute_similarity(model_name, task=task, samples=samples, pooling=pooling, split=split)
     if similarity.num_layers != depth:
         raise UsageError(f"the similarity describes {similarity.num_layers} layers but the model has {depth}")
     settings = {key: value for key, value in similarity.to_dict().items() if key not in ("cka", "adjacent")}

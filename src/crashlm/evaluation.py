@@ -4,7 +4,8 @@ lm-eval builds the requests and computes the metrics (acc, acc_norm, their stand
 from task configs made from our registry (:func:`crashlm.tasks.lm_eval_task_config`), so the
 items and their formatting are exactly those the emulators are trained on. The model side is
 :class:`CrashlmLM`, which returns the same numbers as lm-eval's ``HFLM`` up to float rounding
-(same causal encoding, :func:`crashlm.scoring.encode_pair`) with less compute per request:
+(the same encoding, :func:`crashlm.scoring.encode_request`: special tokens as the tokenizer adds
+them, the same context/continuation split and left truncation) with less compute per request:
 
 * requests that share a context (the choices of one item) are packed into one row: the context
   once, then each choice, with a block attention mask and per-choice position ids so a choice
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import RunFailure, UsageError
 from .io import read_json, write_json
-from .scoring import encode_pair
+from .scoring import encode_request, encode_text, pad_token_id, prefix_token_id
 from .tasks import SOURCES, get_task, lm_eval_task_config
 
 RESULT_FORMAT = "crashlm-eval"
@@ -90,6 +91,19 @@ def compute_dtype(model: nn.Module, dtype: torch.dtype | None = None) -> torch.d
     return dtype
 
 
+def model_max_length(config, tokenizer=None, default: int = 2048) -> int:
+    """The tokens a model reads at most, looked up as lm-eval 0.4 does: the text config's (else
+    the config's) ``n_positions``, ``max_position_embeddings``, ``n_ctx``, then the tokenizer's
+    ``model_max_length``, else 2048."""
+    config = getattr(config, "text_config", None) or config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    value = getattr(tokenizer, "model_max_length", None)
+    return int(value) if value is not None and value < 1e29 else default
+
+
 # ---------------------------------------------------------------------------------------------
 # The lm-eval model
 
@@ -119,11 +133,16 @@ class CrashlmLM(LM):
         dtype: torch.dtype | None = None,
         pack: bool = True,
         progress: bool = True,
+        max_length: int | None = None,
     ):
-        """``batch_size``: requests (answer choices) per forward pass at most, as in lm-eval."""
+        """``batch_size``: requests (answer choices) per forward pass at most, as in lm-eval.
+        ``max_length``: tokens the model reads per request at most (longer contexts lose their
+        start); None: the model's own limit, found as lm-eval finds it."""
         super().__init__()
         if batch_size <= 0:
             raise UsageError(f"batch size must be a positive integer, got {batch_size}")
+        if max_length is not None and max_length < 1:
+            raise UsageError(f"max length must be a positive integer, got {max_length}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -131,30 +150,29 @@ class CrashlmLM(LM):
         self.autocast = self.dtype != _weights_dtype(model)
         self.pack = pack
         self.packed: bool | None = None  # whether the last loglikelihood call packed contexts
+        self.truncated = 0  # requests of the last loglikelihood call that lost context tokens
         self.progress = progress
         self._device = next(model.parameters()).device
-        config = model.config
-        self.max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
-        self.prefix_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.prefix_token_id
+        self.max_length = max_length or model_max_length(model.config, tokenizer)
+        self.prefix_token_id = prefix_token_id(tokenizer)
+        self.pad_token_id = pad_token_id(tokenizer)
 
     # -- encoding ---------------------------------------------------------------------------
 
     def encode(self, context: str, continuation: str) -> Encoded:
         """lm-eval's causal encoding; an empty context becomes the prefix (BOS/EOS) token."""
-        if context:
-            pair = encode_pair(self.tokenizer, context, continuation)
-            n_context = len(pair.input_ids) - pair.num_answer_tokens
-            return pair.input_ids[:n_context], pair.input_ids[n_context:]
-        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        return (ids[:1], ids[1:]) if ids and ids[0] == self.prefix_token_id else ([self.prefix_token_id], ids)
+        return encode_request(self.tokenizer, context, continuation)
 
     def _truncate(self, context: list[int], continuation: list[int]) -> Encoded:
-        """Left-truncate the context so the model reads at most ``max_length`` tokens."""
-        keep = self.max_length + 1 - len(continuation)
-        if keep < 1:
-            raise RunFailure(f"a continuation of {len(continuation)} tokens exceeds the model's {self.max_length} positions")
-        return context[-keep:], continuation
+        """Keep the last ``max_length + 1`` tokens (the model reads ``max_length``), as lm-eval and
+        :func:`~crashlm.scoring.encode_pair` do; an answer longer than ``max_length`` keeps its
+        last ``max_length`` tokens, as in training (lm-eval refuses such a request)."""
+        whole = context + continuation
+        if len(whole) <= self.max_length + 1:
+            return context, continuation
+        kept = whole[-(self.max_length + 1):]
+        answer = min(len(continuation), self.max_length)
+        return kept[:-answer], kept[-answer:]
 
     def can_pack(self, encoded: Sequence[Encoded]) -> bool:
         """Packing needs a 4D-mask-aware architecture, and no sliding window that a request outgrows."""
@@ -174,7 +192,9 @@ class CrashlmLM(LM):
         """(summed log-likelihood, greedy?) of each (context ids, continuation ids), in order.
 
         ``pack`` None packs requests that share a context whenever :meth:`can_pack` allows."""
-        encoded = [self._truncate(list(c), list(x)) for c, x in encoded]
+        truncated = [self._truncate(list(c), list(x)) for c, x in encoded]
+        self.truncated = sum(len(t[0]) + len(t[1]) < len(c) + len(x) for t, (c, x) in zip(truncated, encoded))
+        encoded = truncated
         if any(not c or not x for c, x in encoded):
             raise RunFailure("every request needs a non-empty context and continuation")
         pack = self.can_pack(encoded) if pack is None else pack
@@ -286,7 +306,7 @@ class CrashlmLM(LM):
 
         windows, owners = [], []
         for index, req in enumerate(requests):
-            tokens = self.tokenizer(req.args[0], add_special_tokens=False)["input_ids"]
+            tokens = encode_text(self.tokenizer, req.args[0])
             for window in get_rolling_token_windows(tokens, self.prefix_token_id, self.max_length, context_len=1):
                 windows.append(make_disjoint_window(window))
                 owners.append(index)
@@ -436,11 +456,14 @@ def evaluate(
     dtype: torch.dtype | None = None,
     source: str = "offline",
     progress: bool = True,
+    max_length: int | None = None,
 ) -> EvalResult:
     """Zero-shot acc / acc_norm of ``model`` on the first ``limit`` items of each task's split.
 
     ``split`` None means each task's evaluation split (``TaskSpec.eval_split``); ``dtype`` None
-    means bf16 autocast on native-bf16 hardware, else the weights' dtype. lm-eval's core
+    means bf16 autocast on native-bf16 hardware, else the weights' dtype. ``max_length`` caps
+    the tokens read per request (None: the model's limit, as lm-eval); give training's
+    ``max_length`` to score exactly what an adapter was trained and selected on. lm-eval's core
     ``evaluator.evaluate`` runs the tasks (``simple_evaluate`` would also reseed the global RNGs
     and spend seconds collecting environment details on every call).
     """
@@ -449,7 +472,7 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     splits = resolve_splits(list(tasks), split, source)
-    lm = CrashlmLM(model, tokenizer, batch_size=batch_size, dtype=dtype, progress=progress)
+    lm = CrashlmLM(model, tokenizer, batch_size=batch_size, dtype=dtype, progress=progress, max_length=max_length)
     configs = {task: dict(lm_eval_task_config(task, splits[task], limit, source), num_fewshot=0) for task in splits}
     with _quiet_lm_eval():
         loaded = TaskManager(include_defaults=False).load(list(configs.values()))
@@ -473,6 +496,8 @@ def evaluate(
         "weights_dtype": str(_weights_dtype(model)).removeprefix("torch."),
         "autocast": lm.autocast,
         "packed": lm.packed,
+        "max_length": lm.max_length,
+        "truncated_requests": lm.truncated,
         "device": str(lm.device),
         "num_fewshot": 0,
         "source": source,

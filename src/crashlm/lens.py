@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import RunFailure, UsageError
 from .io import atomic_dir, dataclass_fields, load_tensors, read_artifact_meta, read_json, save_tensors, write_json
 from .models import capture_layer_io, get_layers, hidden_to_logits
-from .scoring import IGNORE_INDEX
+from .scoring import IGNORE_INDEX, encode_text, pad_batch, pad_token_id
 
 if TYPE_CHECKING:
     from .emulator import Emulator
@@ -102,7 +102,8 @@ def token_states(model: nn.Module, tokenizer, texts: Sequence[str], max_length: 
     more memory than the states, and the lenses decode only what they need, chunk by chunk.
     """
     device = _model_device(model)
-    batch = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    ids = [encode_text(tokenizer, text, max_length) for text in texts]
+    batch = pad_batch(ids, pad_token_id(tokenizer))  # right-padded: positions never depend on the padding side
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device).bool()
     base = getattr(model, "base_model", model)
@@ -553,7 +554,7 @@ def trajectory(
         raise UsageError("the lens prompt is empty")
     indices = _lens_indices(model, lens, depth)
     batch = token_states(model, tokenizer, [prompt], max_length)
-    ids = tokenizer(prompt, truncation=True, max_length=max_length)["input_ids"]
+    ids = encode_text(tokenizer, prompt, max_length)
     top_tokens, top_probs = [], []
     for index, hidden in zip(indices, batch.states):
         probs, top = decode(model, hidden, index, lens).softmax(-1).max(-1)

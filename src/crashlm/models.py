@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import assets
 from .errors import UsageError
@@ -209,32 +210,33 @@ def capture_layer_io(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 # Loading
 
 
-def resolve_model(spec: str) -> tuple[str, str | None]:
-    """Map a ``--model`` value to (directory or hub id, gguf file name or None)."""
+def resolve_model(spec: str) -> str:
+    """Map a ``--model`` value to a local Hugging Face directory or a hub id.
+
+    A ``.gguf`` file maps to its converted safetensors copy in the cache (made on first use)."""
     if spec in assets.MODEL_ASSETS:
-        return str(assets.model_dir(spec)), None
+        return str(assets.model_dir(spec))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"GGUF file not found: {path}")
-        return str(path.parent), path.name
+        try:
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError, KeyError, struct.error) as exc:  # struct.error: a truncated file
+            raise UsageError(f"{path} is not a readable GGUF model: {(str(exc).splitlines() or [repr(exc)])[0]}") from exc
+        arch_spec(config)  # an unsupported architecture fails before the long conversion
+        # Parsing and de-quantising a GGUF takes tens of seconds: do it once per file content.
+        return str(assets.gguf_dir(path.resolve()))
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return str(path), None
+        return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise UsageError(f"model path not found: {spec}")
-    return spec, None  # a hub id
+    return spec  # a hub id
 
 
-def _load_config(source: str, gguf_file: str | None):
-    from transformers import AutoConfig
-
-    if gguf_file:
-        try:
-            return AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-        except (OSError, ValueError, struct.error) as exc:  # struct.error: a truncated file
-            raise UsageError(f"{Path(source) / gguf_file} is not a readable GGUF model: {str(exc).splitlines()[0]}") from exc
+def _load_config(source: str):
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -250,16 +252,14 @@ def _load_config(source: str, gguf_file: str | None):
 def load_config(spec: str):
     """The config of a ``--model`` value, without reading any weights: for cheap checks (supported
     architecture, depth) before a long run."""
-    config = _load_config(*resolve_model(spec))
+    config = _load_config(resolve_model(spec))
     arch_spec(config)
     return config
 
 
-def load_tokenizer(source: str, gguf_file: str | None = None):
-    from transformers import AutoTokenizer
-
+def load_tokenizer(source: str):
     try:
-        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:  # missing, malformed or mismatched tokenizer files
         raise UsageError(f"cannot load the tokenizer in {source}: {(str(exc).splitlines() or [repr(exc)])[0]}") from exc
     if tok.pad_token is None:
@@ -280,14 +280,11 @@ def load_model(
     (e.g. ``"auto"``, needs accelerate) spreads a model too large for one device over the
     GPUs and CPU instead of moving it to ``device``.
     """
-    from transformers import AutoModelForCausalLM
-
-    source, gguf_file = resolve_model(spec)
-    config = _load_config(source, gguf_file)
-    arch_spec(config)
-    tokenizer = load_tokenizer(source, gguf_file)  # also before the weights: a bad one fails fast
-    # Never unpickle a checkpoint (pytorch_model.bin): weights come from safetensors (or GGUF) only.
-    kwargs = {"dtype": dtype, **({"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True})}
+    source = resolve_model(spec)
+    arch_spec(_load_config(source))
+    tokenizer = load_tokenizer(source)  # also before the weights: a bad one fails fast
+    # Never unpickle a checkpoint (pytorch_model.bin): weights come from safetensors only.
+    kwargs = {"dtype": dtype, "use_safetensors": True}
     if device_map:
         kwargs["device_map"] = device_map
     try:
@@ -297,11 +294,9 @@ def load_model(
         where = shards[0] if len(shards) == 1 else f"a weights file in {source}"
         raise UsageError(f"cannot load model {spec!r}: {where} is corrupted or truncated ({exc})") from exc
     except (OSError, ValueError) as exc:
-        pickled = not gguf_file and any(Path(source).glob("*.bin"))
+        pickled = any(Path(source).glob("*.bin"))
         hint = " (crashlm reads safetensors weights only, never pickled .bin files)" if pickled else ""
         raise UsageError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}{hint}") from exc
-    if getattr(model, "hf_quantizer", None) is not None and gguf_file:
-        model.hf_quantizer.remove_quantization_config(model)
     if device is not None and not device_map:
         model.to(device)
     model.eval()

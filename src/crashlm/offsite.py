@@ -166,7 +166,7 @@ class Pipeline:
 
         model, tokenizer, description = load_target(**target)
         result = evaluate(model, tokenizer, [task], limit=self.config.eval_limit, split=self.config.eval_split,
-                          batch_size=16, description=description)
+                          batch_size=16, description=description, max_length=self.config.max_length)
         result.save(out)
 
     # -- steps -----------------------------------------------------------------------------
@@ -197,14 +197,12 @@ class Pipeline:
         It runs on the task's training inputs, never on evaluation items.
         """
         from .similarity import SimilarityResult, compute_similarity
-        from .tasks import load_examples
 
         c = self.config
         path = self.run_dir / task / "similarity" / "similarity.json"
 
         def compute() -> None:
-            texts = [ex.text for ex in load_examples(task, "train", limit=c.similarity_samples)]
-            compute_similarity(c.model, task=task, texts=texts, samples=len(texts)).save(path.parent)
+            compute_similarity(c.model, task=task, samples=c.similarity_samples, split="train").save(path.parent)
 
         self._step(path, f"{task}: layer similarity (CKA)", compute)
         return SimilarityResult.load(path)

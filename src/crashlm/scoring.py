@@ -1,10 +1,23 @@
-"""How a task example becomes tokens, a loss and choice log-likelihoods.
+"""How text becomes tokens: one encoding for evaluation, training, validation and analysis.
 
-One encoding serves training (loss on the answer tokens only), validation loss, the loss
-landscape and our own multiple-choice scorer, and it is the encoding lm-evaluation-harness
-uses for causal models: encode ``context + continuation`` whole, then split at the length of
-the encoded context. So what a model is trained on is exactly what it is evaluated on (the
-original CRaSh code tokenised the two parts separately and dropped the leading space).
+It is lm-evaluation-harness's own (``HFLM``, 0.4) for a causal model, so crashlm's numbers are
+lm-eval's on every tokenizer:
+
+* a string is encoded with the tokenizer's default special tokens (a BOS where the tokenizer
+  adds one: Gemma, Llama 2/3, OPT; nothing for SmolLM2 or GPT-2), unless it already starts with
+  the prefix token's text;
+* a (context, continuation) pair moves the context's trailing spaces to the continuation,
+  encodes ``context + continuation`` whole and splits it at the length of the encoded context;
+  an empty context becomes the prefix token (BOS, else EOS);
+* a pair longer than the model may read keeps its last ``max_length + 1`` tokens (left
+  truncation, so the answer is always kept); the last token is only a target, never an input.
+
+Training, validation loss, the loss landscape and evaluation all score a pair through
+:func:`encode_pair` with the same ``max_length``, so what an adapter is trained and selected on
+is exactly what evaluation scores (the original CRaSh code tokenised the two parts separately,
+dropped the leading space and never added a BOS). Analyses read plain texts through
+:func:`encode_text`, and every batch is right-padded by :func:`pad_batch`, so the tokenizer's
+padding side never changes a position id.
 """
 
 from __future__ import annotations
@@ -20,29 +33,70 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class EncodedPair:
-    """Token ids of one (context, continuation) pair; labels mask the context with -100."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def num_answer_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+def prefix_token_id(tokenizer) -> int:
+    """The token an empty context stands for, as lm-eval picks it: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def encode_pair(tokenizer, context: str, continuation: str, max_length: int | None = None) -> EncodedPair:
-    """lm-eval's causal encoding; truncates from the left so the answer is always kept."""
+def pad_token_id(tokenizer) -> int:
+    """The id padded positions carry (never attended to, never scored): PAD, else the prefix token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else prefix_token_id(tokenizer)
+
+
+def _tok_encode(tokenizer, text: str) -> list[int]:
+    """lm-eval's ``tok_encode``: default special tokens, none if the text starts with the prefix's text."""
+    prefix = prefix_token_id(tokenizer)
+    starts_with_prefix = prefix is not None and text.startswith(tokenizer.decode(prefix))
+    return tokenizer.encode(text, **({"add_special_tokens": False} if starts_with_prefix else {}))
+
+
+def encode_text(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """A plain text as the model reads it (analysis inputs): its first ``max_length`` tokens."""
+    ids = _tok_encode(tokenizer, text)
+    return ids[:max_length] if max_length is not None else ids
+
+
+def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) of a loglikelihood request, exactly as lm-eval's HFLM."""
+    if not context:
+        ids = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        return (ids[:1], ids[1:]) if ids[:1] == [prefix] else ([prefix], ids)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"])
-    labels = [IGNORE_INDEX] * n_context + whole[n_context:]
-    if max_length is not None and len(whole) > max_length:
-        whole, labels = whole[-max_length:], labels[-max_length:]
-    return EncodedPair(whole, labels)
+    whole = _tok_encode(tokenizer, context + continuation)
+    n_context = len(_tok_encode(tokenizer, context))
+    return whole[:n_context], whole[n_context:]
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one (context, continuation) pair; labels mask the context with -100.
+
+    ``truncated``: the pair lost context tokens to ``max_length`` (left truncation)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_answer_tokens(self) -> int:
+        """Answer tokens that carry a loss (the first position is never predicted)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
+
+
+def encode_pair(tokenizer, context: str, continuation: str, max_length: int | None = None) -> EncodedPair:
+    """lm-eval's causal encoding of a pair; the model reads at most ``max_length`` of its tokens."""
+    context_ids, answer_ids = encode_request(tokenizer, context, continuation)
+    if not answer_ids:
+        raise ValueError(f"the continuation {continuation!r} encodes to no token")
+    whole = context_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(context_ids) + answer_ids
+    truncated = max_length is not None and len(whole) > max_length + 1
+    if truncated:  # an answer longer than max_length loses its start too (lm-eval would refuse it)
+        whole, labels = whole[-(max_length + 1):], labels[-(max_length + 1):]
+    return EncodedPair(whole, labels, truncated)
 
 
 def encode_example(tokenizer, example, max_length: int | None = None) -> EncodedPair:
@@ -50,37 +104,43 @@ def encode_example(tokenizer, example, max_length: int | None = None) -> Encoded
     return encode_pair(tokenizer, example.context, example.target, max_length)
 
 
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists: ``input_ids`` and ``attention_mask`` [B, T].
+
+    Always on the right, whatever the tokenizer's ``padding_side``: every real token then sits at
+    its own position (0, 1, ...) on every architecture, with or without position ids."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions are masked out of attention and labels."""
-    width = max(len(p.input_ids) for p in pairs)
-    input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(pairs), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    """A right-padded batch: ``input_ids``/``attention_mask`` [B, T-1] and aligned ``targets``.
+
+    ``targets[b, t]`` is the token position t predicts (-100: context or padding); a pair's last
+    token is only a target, as in lm-eval, so the model reads at most ``max_length`` tokens."""
+    batch = pad_batch([p.input_ids for p in pairs], pad_id)
+    labels = torch.full(batch["input_ids"].shape, IGNORE_INDEX, dtype=torch.long)
     for row, pair in enumerate(pairs):
-        n = len(pair.input_ids)
-        input_ids[row, :n] = torch.tensor(pair.input_ids)
-        labels[row, :n] = torch.tensor(pair.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        labels[row, : len(pair.labels)] = torch.tensor(pair.labels)
+    return {"input_ids": batch["input_ids"][:, :-1], "attention_mask": batch["attention_mask"][:, :-1],
+            "targets": labels[:, 1:]}
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each next-token label (0 where the label is ignored), shape [B, T-1]."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE_INDEX
-    logp = torch.log_softmax(shift_logits, dim=-1)
-    picked = logp.gather(-1, shift_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each target token (0 where the target is ignored), shape [B, T]."""
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens of a batch (context tokens excluded)."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens of a batch (logits and targets aligned)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
@@ -90,6 +150,19 @@ def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
 
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _pair_logprobs(model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int, autocast_dtype) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor]]:
+    """(pair indices, summed answer log-likelihood, answer tokens) per batch, longest pairs first."""
+    # Longest first, so padding is small and memory peaks early (as lm-eval orders them).
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))
+    device = _device_of(model)
+    for chunk in batches(order, batch_size):
+        batch = {k: v.to(device) for k, v in collate([pairs[i] for i in chunk], pad_token_id(tokenizer)).items()}
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        targets = batch["targets"]
+        yield chunk, token_logprobs(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
 @torch.no_grad()
@@ -103,15 +176,10 @@ def mean_answer_loss(
 ) -> float:
     """Mean answer-token cross-entropy over examples, weighted by token (validation loss)."""
     pairs = [encode_example(tokenizer, ex, max_length) for ex in examples]
-    device = _device_of(model)
     total, count = 0.0, 0
-    for chunk in batches(pairs, batch_size):
-        batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logp = token_logprobs(logits, batch["labels"])
-        total -= logp.sum().item()
-        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    for _, sums, tokens in _pair_logprobs(model, tokenizer, pairs, batch_size, autocast_dtype):
+        total -= float(sums.sum())
+        count += int(tokens.sum())
     return total / count if count else math.nan
 
 
@@ -124,24 +192,18 @@ def choice_loglikelihoods(
     max_length: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
-    """Summed log-likelihood of each (context, continuation) request, in request order."""
+    """Summed log-likelihood of each (context, continuation) request, in request order: the plain,
+    one-request-per-row reference for the packed scorer of :mod:`crashlm.evaluation`."""
     pairs = [encode_pair(tokenizer, c, x, max_length) for c, x in requests]
-    # Longest first, so padding is small and memory peaks early (as lm-eval orders them).
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))
-    device = _device_of(model)
     scores = [0.0] * len(pairs)
-    for chunk in batches(order, batch_size):
-        batch = {k: v.to(device) for k, v in collate([pairs[i] for i in chunk], tokenizer.pad_token_id).items()}
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        sums = token_logprobs(logits, batch["labels"]).sum(-1)
+    for chunk, sums, _ in _pair_logprobs(model, tokenizer, pairs, batch_size, autocast_dtype):
         for i, value in zip(chunk, sums.tolist()):
             scores[i] = value
     return scores
 
 
 def multiple_choice_accuracy(model: nn.Module, tokenizer, examples: Sequence, **kwargs) -> float:
-    """Accuracy (lm-eval's ``acc``: argmax of summed log-likelihood) of our own scorer."""
+    """Accuracy (lm-eval's ``acc``: argmax of summed log-likelihood) of the plain scorer."""
     requests = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
     scores = iter(choice_loglikelihoods(model, tokenizer, requests, **kwargs))
     correct = 0

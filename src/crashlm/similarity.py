@@ -1,8 +1,7 @@
-"""Layer similarity: pooled hidden states of every layer, compared with linear CKA.
+"""Layer similarity: pooled hidden states of every layer, compared with CKA.
 
 CRaSh clusters layers by how similar their representations are. Each example is pooled to one
-vector per layer (embedding output plus every decoder layer output), and every pair of layers
-is compared with linear CKA (Kornblith et al. 2019):
+vector per layer, and every pair of layers is compared with linear CKA (Kornblith et al. 2019):
 
     HSIC(X, Y) = <H K H, H L H>_F,  K = X X^T, L = Y Y^T, H = I - 11^T / n
     CKA(X, Y)  = HSIC(X, Y) / sqrt(HSIC(X, X) HSIC(Y, Y))
@@ -12,7 +11,16 @@ Here each layer's centred Gram matrix is built once and all M x M HSICs come fro
 product of the flattened grams, in float64. Two estimators are offered: the biased one of the
 original paper, and the unbiased HSIC_1 of Song et al. (2012), which also drives minibatch CKA
 (Nguyen, Raghu & Kornblith 2021): averaging HSIC_1 over fixed-size batches gives CKA over any
-number of samples with memory bounded by the batch size.
+number of samples with memory bounded by the batch size. ``kernel="rbf"`` replaces the linear
+Gram X X^T by the RBF kernel exp(-|x_i - x_j|^2 / (2 sigma^2)), sigma^2 the median of the
+non-zero squared distances (the median heuristic, as the original CRaSh code offers it).
+
+The L + 1 states are those of Hugging Face's ``output_hidden_states``, which the original code
+read: the embedding output, the outputs of layers 1..L-1, and as the last entry the FINAL-NORM
+output norm(h_L) (``last_state="norm"``, the default). ``last_state="raw"`` keeps the raw output
+of layer L instead. The difference matters for clustering: a final norm rescales every feature,
+so the last boundary's CKA drops far below the raw one (SmolLM2-135M: 0.40 against 0.997) and
+CRaSh then cuts there.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,10 +38,14 @@ from tqdm.auto import tqdm
 from .assets import DEFAULT_MODEL
 from .errors import RunFailure, UsageError
 from .io import read_json, write_json
-from .models import capture_layer_io, default_device, load_model
+from .models import capture_layer_io, default_device, get_final_norm, load_model
+from .scoring import encode_text, pad_batch, pad_token_id
+from .tasks import ANALYSIS_SPLIT, load_examples
 
 POOLINGS = ("mean", "mean_weighted", "last", "max")
 ESTIMATORS = ("biased", "unbiased")
+KERNELS = ("linear", "rbf")
+LAST_STATES = ("norm", "raw")  # the last state: final-norm output (output_hidden_states) or raw layer L
 # HSIC_1 divides by n (n - 3) and (n - 1)(n - 2): it needs at least four samples.
 MIN_SAMPLES = 4
 RESULT_FILE = "similarity.json"
@@ -86,27 +99,30 @@ def iter_pooled_states(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     max_length: int = 512,
+    last_state: str = "norm",
 ) -> Iterator[torch.Tensor]:
     """Yield, per batch of texts, the pooled residual states [L + 1, B, D] (float32, CPU).
 
-    Index 0 is the embedding output, index l the output of decoder layer l (1-based). Only one
-    batch's token states are alive at a time. The base model is called (no LM head): logits
-    over the vocabulary for every token would cost more memory than all the layer states.
+    Index 0 is the embedding output, index l the output of decoder layer l (1-based); the last
+    one goes through the final norm unless ``last_state="raw"``. Texts are encoded as
+    :func:`~crashlm.scoring.encode_text` (BOS where the tokenizer adds one) and right-padded.
+    Only one batch's token states are alive at a time. The base model is called (no LM head):
+    logits over the vocabulary for every token would cost more memory than all the layer states.
     """
     _check_choice(pooling, POOLINGS, "pooling")
+    _check_choice(last_state, LAST_STATES, "last state")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     base = getattr(model, "base_model", model)
+    # A projection after the norm (OPT-350m's project_out) would change the last state's width: the norm only.
+    norm = get_final_norm(model) if last_state == "norm" else None
     for start in tqdm(range(0, len(texts), batch_size), desc="hidden states", unit="batch"):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        ).to(device)
+        ids = [encode_text(tokenizer, text, max_length) for text in texts[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in pad_batch(ids, pad_token_id(tokenizer)).items()}
         with capture_layer_io(model) as states, autocast:
             base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            if norm is not None:
+                states[-1] = norm(states[-1])
         pooled = [pool_hidden(state, batch["attention_mask"], pooling) for state in states]
         yield torch.stack(pooled).cpu()
 
@@ -133,15 +149,28 @@ def collect_pooled_states(
 # CKA
 
 
-def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: str) -> torch.Tensor:
-    """Centred linear Gram matrices [M, N, N] (float64) of M feature sets [N, D_m].
+def _rbf_gram(x: torch.Tensor) -> torch.Tensor:
+    """RBF Gram matrix [N, N] (float64) with sigma^2 = the median of the non-zero squared distances."""
+    gram = x @ x.T
+    norms = gram.diagonal()
+    distances = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)
+    distances.fill_diagonal_(0)
+    positive = distances[distances > 0]
+    if positive.numel() == 0:
+        return torch.ones_like(gram)  # all samples identical: no variance, CKA undefined downstream
+    sigma2 = float(np.median(positive.cpu().numpy()))  # numpy's median: the mean of the two middle values
+    return torch.exp(distances / (-2 * sigma2))
 
-    Biased: H K H, computed as (HX)(HX)^T by subtracting the feature means (no n x n H).
-    Unbiased: the HSIC_1 centring of Kornblith et al.'s reference code: zero the diagonal,
-    subtract adjusted row/column means, zero the diagonal again; then
-    <K~, L~>_F = n (n - 3) HSIC_1(K, L).
+
+def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: str, kernel: str = "linear") -> torch.Tensor:
+    """Centred Gram matrices [M, N, N] (float64) of M feature sets [N, D_m].
+
+    Biased: H K H (for the linear kernel computed as (HX)(HX)^T, no n x n H). Unbiased: the
+    HSIC_1 centring of Kornblith et al.'s reference code: zero the diagonal, subtract adjusted
+    row/column means, zero the diagonal again; then <K~, L~>_F = n (n - 3) HSIC_1(K, L).
     """
     _check_choice(estimator, ESTIMATORS, "CKA estimator")
+    _check_choice(kernel, KERNELS, "CKA kernel")
     if len(features) == 0:
         raise ValueError("need at least one feature set")
     n = features[0].shape[0]
@@ -153,6 +182,12 @@ def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: s
     grams = torch.empty(len(features), n, n, dtype=torch.float64, device=features[0].device)
     for gram, x in zip(grams, features):
         x = x.to(torch.float64)
+        if kernel == "rbf":
+            gram.copy_(_rbf_gram(x))
+            if estimator == "biased":
+                gram -= gram.mean(dim=0, keepdim=True)
+                gram -= gram.mean(dim=1, keepdim=True)
+            continue
         if estimator == "biased":
             x = x - x.mean(dim=0)
         torch.matmul(x, x.T, out=gram)
@@ -167,13 +202,13 @@ def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: s
     return grams
 
 
-def hsic_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased") -> torch.Tensor:
+def hsic_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear") -> torch.Tensor:
     """HSIC of every pair of M feature sets [N, D_m], as an [M, M] float64 matrix.
 
     Biased: HSIC_0 = <HKH, HLH> / (n - 1)^2. Unbiased: HSIC_1 (Song et al. 2012). All pairs
     come from one product of the flattened centred grams, [M, N*N] @ [N*N, M].
     """
-    grams = _centred_grams(features, estimator)
+    grams = _centred_grams(features, estimator, kernel)
     n = grams.shape[1]
     flat = grams.reshape(grams.shape[0], -1)
     scale = (n - 1) ** 2 if estimator == "biased" else n * (n - 3)
@@ -186,14 +221,14 @@ def _normalise(hsic: torch.Tensor) -> torch.Tensor:
     return hsic / (norms[:, None] * norms[None, :])
 
 
-def cka_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased") -> torch.Tensor:
-    """Linear CKA of every pair of M feature sets ([M, N, D] or M matrices [N, D_m]) -> [M, M]."""
-    return _normalise(hsic_matrix(features, estimator))
+def cka_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear") -> torch.Tensor:
+    """CKA of every pair of M feature sets ([M, N, D] or M matrices [N, D_m]) -> [M, M]."""
+    return _normalise(hsic_matrix(features, estimator, kernel))
 
 
-def cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased") -> float:
-    """Linear CKA of two feature matrices [N, D_x] and [N, D_y]."""
-    return float(cka_matrix([x, y], estimator)[0, 1])
+def cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased", kernel: str = "linear") -> float:
+    """CKA of two feature matrices [N, D_x] and [N, D_y]."""
+    return float(cka_matrix([x, y], estimator, kernel)[0, 1])
 
 
 class MinibatchCKA:
@@ -281,6 +316,9 @@ class SimilarityResult:
     adjacent: list[float]
     dtype: str = "float32"
     max_length: int = 512
+    split: str | None = None  # the task split the samples came from (None: a text file)
+    kernel: str = "linear"
+    last_state: str = "norm"
 
     @property
     def adjacent_layers(self) -> list[float]:
@@ -322,6 +360,7 @@ class SimilarityResult:
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
             raise UsageError("cka and adjacent must hold finite numbers")
         known = {key: data[key] for key in cls.__dataclass_fields__ if key in data}
+        known.setdefault("last_state", "raw")  # files written before the final-norm default
         return cls(**known)
 
     def save(self, out_dir: str | Path) -> Path:
@@ -363,17 +402,23 @@ def compute_similarity(
     device: str | torch.device | None = None,
     max_length: int = 512,
     device_map: str | None = None,
+    split: str = ANALYSIS_SPLIT,
+    kernel: str = "linear",
+    last_state: str = "norm",
 ) -> SimilarityResult:
     """Layer-by-layer CKA of ``model_spec`` on the first ``samples`` texts.
 
-    Texts are ``texts`` when given (``task`` is then only a label), else the validation
-    examples of ``task`` rendered as context + gold answer. ``minibatch`` switches to
-    minibatch CKA with that batch size, which requires the unbiased estimator. ``dtype``
-    is the weights' and autocast dtype. ``device_map`` (e.g. ``"auto"``) spreads a model too
-    large for one GPU over the devices instead of placing it on ``device``.
+    Texts are ``texts`` when given (``task`` is then only a label), else the ``split`` examples
+    of ``task`` rendered as context + gold answer: the train split by default, so no evaluation
+    item shapes the plan. ``minibatch`` switches to minibatch CKA with that batch size, which
+    requires the unbiased estimator and the linear kernel. ``dtype`` is the weights' and autocast
+    dtype. ``device_map`` (e.g. ``"auto"``) spreads a model too large for one GPU over the
+    devices instead of placing it on ``device``.
     """
     _check_choice(pooling, POOLINGS, "pooling")
     _check_choice(estimator, ESTIMATORS, "CKA estimator")
+    _check_choice(kernel, KERNELS, "CKA kernel")
+    _check_choice(last_state, LAST_STATES, "last state")
     _check_positive(samples, "samples", MIN_SAMPLES)
     _check_positive(batch_size, "batch size")
     _check_positive(max_length, "max length")
@@ -381,10 +426,12 @@ def compute_similarity(
         _check_positive(minibatch, "minibatch size", MIN_SAMPLES)
         if estimator != "unbiased":
             raise UsageError("minibatch CKA needs the unbiased estimator (biased HSIC does not average over batches)")
+        if kernel != "linear":
+            raise UsageError("minibatch CKA uses the linear kernel (an RBF bandwidth from each batch's median would differ per batch)")
     if texts is None:
-        from .tasks import load_examples
-
-        texts = [example.text for example in load_examples(task, split="validation", limit=samples)]
+        texts = [example.text for example in load_examples(task, split=split, limit=samples)]
+    else:
+        split = None
     texts = list(texts)[:samples]
     if any(not isinstance(t, str) or not t.strip() for t in texts):
         raise UsageError("every text sample must be a non-empty string")
@@ -397,9 +444,9 @@ def compute_similarity(
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, device_map=device_map)
     if device_map is not None:
         device = model.get_input_embeddings().weight.device  # where a dispatched model takes its inputs
-    settings = (pooling, batch_size, dtype, device, max_length)
+    settings = (pooling, batch_size, dtype, device, max_length, last_state)
     if minibatch is None:
-        matrix = cka_matrix(collect_pooled_states(model, tokenizer, texts, *settings), estimator)
+        matrix = cka_matrix(collect_pooled_states(model, tokenizer, texts, *settings), estimator, kernel)
     else:
         matrix = minibatch_cka(iter_pooled_states(model, tokenizer, texts, *settings), minibatch)
     if not bool(torch.isfinite(matrix).all()):
@@ -417,4 +464,7 @@ def compute_similarity(
         adjacent=[float(matrix[i, i + 1]) for i in range(num_layers)],
         dtype=str(dtype).removeprefix("torch."),
         max_length=max_length,
+        split=split,
+        kernel=kernel,
+        last_state=last_state,
     )

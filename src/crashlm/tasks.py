@@ -67,6 +67,11 @@ class Example:
         return cls(data["context"], tuple(data["choices"]), int(data["gold"]), data["doc_id"])
 
 
+# Where analyses that shape an emulator (similarity, clustering, lens divergence) draw their samples
+# by default: the train split, never an evaluation split (the original code clustered on PIQA's
+# validation items, which are PIQA's evaluation items).
+ANALYSIS_SPLIT = "train"
+
 # A formatter maps one dataset record to (context, choices, gold).
 Formatted = tuple[str, Sequence[str], int]
 Formatter = Callable[[dict[str, Any]], Formatted]

@@ -52,7 +52,8 @@ from .emulator import Emulator
 from .errors import RunFailure, UsageError
 from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from .models import capture_layer_io, default_device, fingerprint
-from .scoring import IGNORE_INDEX, EncodedPair, answer_loss, collate, encode_example, mean_answer_loss
+from .scoring import (IGNORE_INDEX, EncodedPair, answer_loss, collate, encode_example, encode_text, mean_answer_loss,
+                      pad_batch, pad_token_id)
 
 SCHEDULES = ("cosine", "linear")
 # The held-out validation docs are the same for every seed: a fixed permutation of the train split.
@@ -145,29 +146,18 @@ def split_examples(config: TrainConfig) -> tuple[list, list]:
     return train, val
 
 
-def _answer_tokens(pair: EncodedPair) -> int:
-    """Answer tokens that carry a loss (the first position has no prediction), as mean_answer_loss counts."""
-    return sum(1 for label in pair.labels[1:] if label != IGNORE_INDEX)
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
-
-
 def batch_answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """:func:`~crashlm.scoring.answer_loss` of a batch, unembedding only from the first answer position on.
 
     The unembedding and its softmax are a large share of a small model's compute (SmolLM2:
     49k vocabulary vs 576 hidden), and only answer positions need them.
     """
-    labels = batch["labels"]
-    answer = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    targets = batch["targets"]
+    answer = (targets != IGNORE_INDEX).any(0).nonzero()
     start = int(answer[0]) if len(answer) else 0
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=labels.shape[1] - start).logits
-    return answer_loss(logits, labels[:, start:])
+                   logits_to_keep=targets.shape[1] - start).logits
+    return answer_loss(logits, targets[:, start:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +314,7 @@ class _Trainer:
         train, val = split_examples(config)
         self.pairs = [encode_example(tokenizer, ex, config.max_length) for ex in train]
         self.val = val
-        self.pad_id = _pad_id(tokenizer)
+        self.pad_id = pad_token_id(tokenizer)
         self.batches_per_epoch = math.ceil(len(self.pairs) / config.batch_size)
         per_step = acc.num_processes * config.grad_accum
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / per_step)
@@ -392,7 +382,7 @@ class _Trainer:
         model.eval()
         total, count = 0.0, 0
         if shard:
-            count = sum(_answer_tokens(encode_example(self.tokenizer, ex, self.config.max_length)) for ex in shard)
+            count = sum(encode_example(self.tokenizer, ex, self.config.max_length).num_answer_tokens for ex in shard)
             mean = mean_answer_loss(model, self.tokenizer, shard, batch_size=self.config.batch_size,
                                     max_length=self.config.max_length, autocast_dtype=autocast)
             total = mean * count
@@ -696,7 +686,7 @@ def _middle_positions(emulator: Emulator) -> tuple[int, int]:
 
 def _text_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, steps: int, seed: int):
     """``steps`` padded batches, cycling through ``texts`` in a new seeded order each pass."""
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     order: list[int] = []
     rng = random.Random(seed)
     for _ in range(steps):
@@ -706,12 +696,8 @@ def _text_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: 
                 order = list(range(len(texts)))
                 rng.shuffle(order)
             chunk.append(texts[order.pop()])
-        ids = [tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] or [pad_id]
-               for t in chunk]
-        width = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        yield input_ids, mask
+        batch = pad_batch([encode_text(tokenizer, t, max_length) or [pad_id] for t in chunk], pad_id)
+        yield batch["input_ids"], batch["attention_mask"]
 
 
 def _distill_losses(teacher, emulator: Emulator, input_ids, mask, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -724,8 +710,8 @@ def _distill_losses(teacher, emulator: Emulator, input_ids, mask, bf16: bool) ->
         target = states[layer]
         with capture_layer_io(emulator.model) as states:
             logits = emulator.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-    return answer_loss(logits, labels), kd_loss(target, states[position], mask)
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    return answer_loss(logits[:, :-1], targets), kd_loss(target, states[position], mask)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from .. import plans
 from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
 from ..io import atomic_files, check_output_dir
+from ..tasks import ANALYSIS_SPLIT
 from . import app
 from ._common import console, parse_dtype, positive
 
@@ -28,7 +29,8 @@ def cluster(
     auto: bool = typer.Option(False, "--auto", help="Pick K at the largest gap of the adjacent-layer dissimilarities."),
     similarity: Path = typer.Option(None, "--similarity", help="A similarity.json from `crashlm similarity` (else computed)."),
     similarity_source: str = typer.Option("cka", "--similarity-source", help="cka (linear CKA) or lens (1 - normalised JS divergence of logit-lens distributions)."),
-    task: str = typer.Option("piqa", "--task", help="Task whose validation examples drive the similarity."),
+    task: str = typer.Option("piqa", "--task", help="Task whose examples drive the similarity."),
+    split: str = typer.Option(ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."),
     samples: int = typer.Option(512, "--samples", help="Number of examples for the similarity."),
     pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
     batch_size: int = typer.Option(16, "--batch-size", help="Forward batch size."),
@@ -75,16 +77,16 @@ def cluster(
             from ..divergence import adjacent_similarity, compute_divergence
             from ..tasks import load_examples
 
-            texts = [ex.text for ex in load_examples(task, "validation", limit=samples)]
+            texts = [ex.text for ex in load_examples(task, split, limit=samples)]
             result = compute_divergence(full_model, tokenizer, texts, batch_size=batch_size)
             adjacent, matrix = adjacent_similarity(result, "js"), None
-            settings = {"source": "lens", "measure": "js", "task": task, "samples": len(texts)}
+            settings = {"source": "lens", "measure": "js", "task": task, "split": split, "samples": len(texts)}
         else:
             from ..similarity import compute_similarity
 
             del full_model  # compute_similarity loads its own copy
             sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
-                                     dtype=torch_dtype)
+                                     dtype=torch_dtype, split=split)
             adjacent, matrix = sim.adjacent_layers, sim.cka
             settings = {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
         if auto:

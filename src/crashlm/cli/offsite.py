@@ -11,6 +11,7 @@ from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
 from ..io import check_output_dir
 from ..plans import DEFAULT_TRAINABLE
+from ..tasks import ANALYSIS_SPLIT
 from . import app
 from ._common import DTYPES, console, parse_dtype, positive
 
@@ -36,7 +37,8 @@ def emulator(
     similarity: Optional[Path] = typer.Option(
         None, "--similarity", help="A similarity.json from `crashlm similarity` (crash strategies; else computed)."
     ),
-    task: str = typer.Option("piqa", "--task", help="Task whose validation examples drive the similarity."),
+    task: str = typer.Option("piqa", "--task", help="Task whose examples drive the similarity."),
+    split: str = typer.Option(ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."),
     samples: int = typer.Option(512, "--samples", help="Examples for the similarity (at least 4)."),
     pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype of the bundle: {', '.join(DTYPES)}."),
@@ -71,7 +73,7 @@ def emulator(
     full_parameters = sum(p.numel() for p in full_model.parameters())
     if layer_plan is None:
         layer_plan = make_plan(full_model, strategy, k, trainable, sim, task=task, samples=samples,
-                               pooling=pooling, model_name=spec)
+                               pooling=pooling, model_name=spec, split=split)
     emu = build_emulator(full_model, tokenizer, layer_plan, sharing=sharing, share_trainable=share_trainable)
     save_bundle(emu, out)
 

@@ -11,7 +11,8 @@ from ..assets import DEFAULT_MODEL
 from ..errors import UsageError
 from ..io import atomic_files, check_output_dir, read_text_lines
 from ..plotting import layer_labels, plot_adjacent_cka, plot_cka_grid, plot_cka_heatmap
-from ..similarity import ESTIMATORS, POOLINGS, SimilarityResult, compute_similarity
+from ..similarity import ESTIMATORS, KERNELS, LAST_STATES, POOLINGS, SimilarityResult, compute_similarity
+from ..tasks import ANALYSIS_SPLIT
 from . import app
 from ._common import console, parse_dtype, parse_list
 
@@ -44,7 +45,10 @@ def similarity(
     models: Optional[str] = typer.Option(
         None, "--models", help="Comma-separated models compared side by side (replaces --model); each writes OUT/<name>/."
     ),
-    task: str = typer.Option("piqa", "--task", help="Task whose validation examples (context + gold answer) are the samples."),
+    task: str = typer.Option("piqa", "--task", help="Task whose examples (context + gold answer) are the samples."),
+    split: str = typer.Option(
+        ANALYSIS_SPLIT, "--split", help="The task's split the samples come from (default train: no evaluation item)."
+    ),
     text: Optional[Path] = typer.Option(
         None, "--text", help="UTF-8 text file, one sample per non-empty line (used instead of --task)."
     ),
@@ -52,6 +56,10 @@ def similarity(
     pooling: str = typer.Option("mean_weighted", "--pooling", help=f"Token pooling: {', '.join(POOLINGS)}."),
     estimator: Optional[str] = typer.Option(
         None, "--estimator", help=f"HSIC estimator: {', '.join(ESTIMATORS)} (default biased; unbiased with --minibatch)."
+    ),
+    kernel: str = typer.Option("linear", "--kernel", help=f"CKA kernel: {', '.join(KERNELS)} (rbf: sigma by the median heuristic)."),
+    last_state: str = typer.Option(
+        "norm", "--last-state", help="Last layer's state: norm (final-norm output, as output_hidden_states and the paper) or raw."
     ),
     minibatch: Optional[int] = typer.Option(
         None, "--minibatch", help="Minibatch CKA with this many samples per batch (memory bounded by it)."
@@ -65,7 +73,7 @@ def similarity(
     ),
     out: Path = typer.Option(Path("runs/similarity"), "--out", help="Output directory."),
 ) -> None:
-    """Linear CKA between every pair of layers: similarity.json, cka_heatmap.png, adjacent_cka.png."""
+    """CKA between every pair of layers: similarity.json, cka_heatmap.png, adjacent_cka.png."""
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     specs = parse_list(models, "--models") if models is not None else [model]
@@ -81,6 +89,9 @@ def similarity(
         pooling=pooling,
         estimator=estimator or ("unbiased" if minibatch is not None else "biased"),
         minibatch=minibatch,
+        split=split,
+        kernel=kernel,
+        last_state=last_state,
         batch_size=batch_size,
         dtype=parse_dtype(dtype),
         device=device,
