@@ -1,5 +1,5 @@
 """Bad inputs: one ``error:`` line on stderr, exit 2 (usage) or 1 (run failure), no traceback
-unless ``--debug``, and no partial output (issue 5, part 1), plus artifact integrity (part 3).
+unless ``--debug``, and no partial output, plus artifact integrity.
 
 Covers similarity, cluster, emulator, plugin, tasks, models, fetch, report and offsite's
 configuration check; train, eval, lens, divergence and landscape test their own inputs.

@@ -53,6 +53,10 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     # --eval-every reaches every training run: a validation loss before training and after each step.
     assert adapter["training"]["config"]["eval_every"] == 1 and [p["step"] for p in adapter["validation_curve"]] == [0, 1, 2]
     assert "| Full ZS |" in (run_dir / "table.md").read_text()
+    # Evaluation truncates as training did (--max-length 64), so selection and scores see the same tokens.
+    for name in ("piqa/full_zs.json", "piqa/crash/seed1/plugin.json"):
+        assert json.loads((run_dir / name).read_text())["config"]["max_length"] == 64
+    assert json.loads((run_dir / "piqa/similarity/similarity.json").read_text())["split"] == "train"
 
 
 def test_offsite_rerun_skips_finished_steps_and_refuses_other_settings(run, capsys):

@@ -56,7 +56,7 @@ def test_crash_plan_valid_for_every_k(num_layers):
 
 
 def test_reference_trainable_rule_example():
-    # REFERENCE.md, OPT-1.3B ARC-E: kept layers -> trainable 0,5,18,23; frozen 1,2,3,9,12,15,20,22.
+    # The CRaSh code's OPT-1.3B ARC-E plan: kept layers -> trainable 0,5,18,23; frozen 1,2,3,9,12,15,20,22.
     kept = [0, 1, 2, 3, 5, 9, 12, 15, 18, 20, 22, 23]
     assert [kept[p] for p in spread_positions(4, len(kept))] == [0, 5, 18, 23]
 

@@ -1,4 +1,4 @@
-"""Determinism on CPU and the big-model switches (issue 5, parts 4 and 5): the same inputs give
+"""Determinism on CPU and the big-model switches: the same inputs give
 bit-identical similarity tables, ``--device-map auto`` and bf16 loading change nothing they
 should not, and ``--deterministic`` switches torch to deterministic kernels."""
 

@@ -268,6 +268,60 @@ def test_compute_similarity_full_and_minibatch_on_a_tiny_model(tiny_llama_dir, t
     assert SimilarityResult.load(tmp_path) == result  # the directory works too
 
 
+def _rbf_cka_reference(x, y) -> float:
+    """The original code's kernel CKA, written out with an explicit centring matrix (numpy)."""
+    import numpy as np
+
+    def rbf(z):
+        gram = z @ z.T
+        distances = np.diag(gram) - gram + (np.diag(gram) - gram).T
+        sigma = math.sqrt(np.median(distances[distances != 0]))
+        return np.exp(distances * (-0.5 / (sigma * sigma)))
+
+    def hsic(a, b):
+        n = a.shape[0]
+        h = np.eye(n) - np.ones((n, n)) / n
+        return float(np.sum((h @ a @ h) * (h @ b @ h)))
+
+    kx, ky = rbf(x.numpy()), rbf(y.numpy())
+    return hsic(kx, ky) / math.sqrt(hsic(kx, kx) * hsic(ky, ky))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(5, 24), d=st.integers(2, 12))
+def test_rbf_cka_equals_an_independent_implementation(seed, n, d):
+    states = random_walk(3, n, d, seed)
+    matrix = cka_matrix(states, kernel="rbf")
+    for i in range(3):
+        for j in range(3):
+            assert float(matrix[i, j]) == pytest.approx(_rbf_cka_reference(states[i], states[j]), abs=1e-9)
+    unbiased = cka_matrix(states, "unbiased", kernel="rbf")
+    assert torch.allclose(unbiased.diagonal(), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(unbiased, unbiased.T, atol=1e-12)
+
+
+def test_similarity_samples_come_from_the_train_split_and_the_last_state_is_chosen(tiny_llama_dir):
+    from crashlm.tasks import load_examples
+
+    default = compute_similarity(str(tiny_llama_dir), task="piqa", samples=6, batch_size=3)
+    train = [ex.text for ex in load_examples("piqa", "train", limit=6)]
+    given_texts = compute_similarity(str(tiny_llama_dir), task="piqa", texts=train, batch_size=3)
+    assert default.split == "train" and given_texts.split is None and default.cka == given_texts.cka
+    validation = compute_similarity(str(tiny_llama_dir), task="piqa", samples=6, batch_size=3, split="validation")
+    assert validation.split == "validation" and validation.cka != default.cka
+    raw = compute_similarity(str(tiny_llama_dir), task="piqa", samples=6, batch_size=3, last_state="raw")
+    assert default.last_state == "norm" and raw.last_state == "raw"
+    # Only the last state differs: every entry not involving it is the same.
+    assert torch.allclose(raw.matrix[:-1, :-1], default.matrix[:-1, :-1]) and raw.cka[-1] != default.cka[-1]
+    rbf = compute_similarity(str(tiny_llama_dir), task="piqa", samples=6, batch_size=3, kernel="rbf")
+    assert rbf.kernel == "rbf" and rbf.cka != default.cka
+    # Files written before these settings existed read as raw last states.
+    old = default.to_dict()
+    for key in ("split", "kernel", "last_state"):
+        old.pop(key)
+    assert SimilarityResult.from_dict(old).last_state == "raw"
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -276,6 +330,9 @@ def test_compute_similarity_full_and_minibatch_on_a_tiny_model(tiny_llama_dir, t
         (dict(estimator="other"), "estimator"),
         (dict(minibatch=16), "unbiased"),
         (dict(estimator="unbiased", minibatch=2), "minibatch"),
+        (dict(estimator="unbiased", minibatch=4, kernel="rbf"), "linear kernel"),
+        (dict(kernel="cosine"), "kernel"),
+        (dict(last_state="final"), "last state"),
         (dict(texts=["one", "two", "three"]), "at least 4"),
         (dict(texts=["one", "two", "  ", "four"]), "non-empty"),
     ],
@@ -357,6 +414,9 @@ def test_cli_on_a_text_file_and_several_models(tiny_llama_dir, tmp_path, capsys)
         (["--text", "MISSING"], "not found"),
         (["--text", "EMPTY"], "no non-empty line"),
         (["--text", "LATIN1"], "not UTF-8"),
+        (["--kernel", "poly"], "kernel"),
+        (["--last-state", "both"], "last state"),
+        (["--task", "sciq"], "no 'train' split"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_llama_dir, tmp_path, capsys, args, message):

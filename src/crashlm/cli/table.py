@@ -37,7 +37,7 @@ def offsite(
     eval_split: str = typer.Option(None, "--eval-split", help="Evaluation split (default: each task's paper split)."),
     seeds: str = typer.Option("1", "--seeds", help="Comma-separated seeds for the trained rows."),
     distill_steps: int = typer.Option(100, "--distill-steps", help="Distillation steps for --distill."),
-    max_length: int = typer.Option(256, "--max-length", help="Maximum tokens per training example."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most, in training, validation and evaluation alike."),
 ) -> None:
     """Plans, emulators, training, plug-in and evaluation -> RUN_DIR/table.{json,md,png}."""
     from ..offsite import OffsiteConfig, run_offsite, table_markdown

@@ -44,7 +44,7 @@ def train(
     seed: int = typer.Option(1, "--seed", help="Seed of data order and initialisation (not of the validation split)."),
     lora: Optional[int] = typer.Option(None, "--lora", help="Train LoRA weights of this rank on the adapter layers, merged before saving. Default: off."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation loss every K optimizer steps. Default: at the end of each epoch."),
-    max_length: int = typer.Option(256, "--max-length", help="Truncate examples to this many tokens (from the left)."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most; a longer one loses the start of its context, as evaluation with the same --max-length does."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", help="Share of the steps spent warming up the learning rate."),
     schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule after warmup: cosine or linear."),
@@ -114,7 +114,7 @@ def distill(
     seed: int = typer.Option(1, "--seed", help="Seed of the text order."),
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in fp32. Default: bf16 autocast where the device has native bf16, else fp32."),
 ) -> None:
-    """OFT knowledge distillation of an emulator from the full model: 1.0 * LM + 30 * KD (REFERENCE.md)."""
+    """OFT knowledge distillation of an emulator from the full model: 1.0 * LM + 30 * KD (Xiao et al. 2023)."""
     from ..emulator import load_emulator, save_bundle
     from ..models import load_model
     from ..tasks import load_examples
