@@ -173,17 +173,17 @@ def step_flops(model, trainable: set[int], batch: int, seq: int, answer: int) ->
     weight = sum(size for size, t in zip(sizes, trains) if t)
     unembed = model.get_output_embeddings().weight
     head = unembed.numel() * (2 + (id(unembed) in trainable))
-    return 2 * batch * seq * (forward + activation + weight) + 2 * batch * (answer + 1) * head
+    return 2 * batch * seq * (forward + activation + weight) + 2 * batch * answer * head
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> dict[str, torch.Tensor]:
     from crashlm.scoring import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, vocab, (batch, seq), generator=generator)
-    labels = input_ids.clone()
-    labels[:, : seq - answer] = IGNORE_INDEX
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device),
+    tokens = torch.randint(3, vocab, (batch, seq + 1), generator=generator)
+    input_ids, targets = tokens[:, :-1], tokens[:, 1:].clone()  # as crashlm.scoring.collate aligns them
+    targets[:, : seq - answer] = IGNORE_INDEX
+    return {"input_ids": input_ids.to(device), "targets": targets.to(device),
             "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
