@@ -11,12 +11,16 @@ times, and the best time of each counts, so a busy machine penalises both alike.
 
     .venv/bin/python benchmarks/bench_eval.py [--quick] [--model smollm2-135m] [--tasks piqa,arc_easy]
 
+``--without-bos`` also scores crashlm with the tokenizer's BOS turned off (what crashlm did before
+its encoding became lm-eval's), to measure what a missing BOS costs on a model that expects one.
+
 The last printed line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -35,8 +39,8 @@ from crashlm.models import load_model  # noqa: E402
 from crashlm.tasks import get_task, load_examples  # noqa: E402
 
 
-def _requests(task: str, limit: int) -> tuple[list[Instance], list]:
-    examples = load_examples(task, get_task(task).eval_split, limit)
+def _requests(task: str, limit: int, split: str | None = None) -> tuple[list[Instance], list]:
+    examples = load_examples(task, split or get_task(task).eval_split, limit)
     args = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
     instances = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(args)]
     return instances, examples
@@ -67,6 +71,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="crashlm's compute dtype (default auto: its default path); HFLM always runs fp32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--split", default=None, help="split to score (default: each task's evaluation split)")
+    parser.add_argument("--without-bos", action="store_true",
+                        help="also score crashlm with the tokenizer's BOS turned off (accuracy only)")
     parser.add_argument("--quick", action="store_true", help="a small run (under a minute)")
     args = parser.parse_args()
     limit = 4 if args.quick else args.limit
@@ -85,7 +92,7 @@ def main() -> None:
     per_task = {}
     totals = {"requests": 0, "hflm_wall": 0.0, "crashlm_wall": 0.0, "hflm_cpu": 0.0, "crashlm_cpu": 0.0}
     for task in args.tasks.split(","):
-        instances, examples = _requests(task, limit)
+        instances, examples = _requests(task, limit, args.split)
         wall = {"hflm": float("inf"), "crashlm": float("inf")}
         cpu = dict(wall)
         values = {}
@@ -106,6 +113,11 @@ def main() -> None:
             "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(values["hflm"], values["crashlm"])),
             "packed": ours.packed,
         }
+        if args.without_bos:
+            no_bos = copy.deepcopy(tok)
+            no_bos.add_bos_token = False
+            lm = CrashlmLM(model, no_bos, batch_size=args.batch_size, dtype=dtype, progress=False)
+            row["crashlm_without_bos_acc"] = _accuracy([v for v, _ in lm.loglikelihood(instances, disable_tqdm=True)], examples)
         per_task[task] = row
         totals["requests"] += n
         for name in ("hflm", "crashlm"):
@@ -113,7 +125,8 @@ def main() -> None:
             totals[f"{name}_cpu"] += cpu[name]
         print(f"{task}: {n} requests; HFLM fp32 {row['hflm_req_per_s']:.2f} req/s, crashlm {row['crashlm_req_per_s']:.2f} "
               f"req/s; speedup {row['speedup']:.2f}x (CPU time {row['speedup_cpu_time']:.2f}x); acc HFLM "
-              f"{row['hflm_acc']:.3f} crashlm {row['crashlm_acc']:.3f}; max |dlogL| {row['max_abs_loglik_diff']:.2e}")
+              f"{row['hflm_acc']:.3f} crashlm {row['crashlm_acc']:.3f}; max |dlogL| {row['max_abs_loglik_diff']:.2e}"
+              + (f"; crashlm without BOS {row['crashlm_without_bos_acc']:.3f}" if args.without_bos else ""))
 
     summary = {
         "bench": "eval",

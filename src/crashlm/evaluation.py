@@ -150,7 +150,7 @@ class CrashlmLM(LM):
         self.autocast = self.dtype != _weights_dtype(model)
         self.pack = pack
         self.packed: bool | None = None  # whether the last loglikelihood call packed contexts
-        self.truncated = 0  # requests of the last loglikelihood call that lost context tokens
+        self.truncated = 0  # requests of the last scoring call that lost tokens to max_length
         self.progress = progress
         self._device = next(model.parameters()).device
         self.max_length = max_length or model_max_length(model.config, tokenizer)
