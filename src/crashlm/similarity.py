@@ -18,9 +18,9 @@ non-zero squared distances (the median heuristic, as the original CRaSh code off
 The L + 1 states are those of Hugging Face's ``output_hidden_states``, which the original code
 read: the embedding output, the outputs of layers 1..L-1, and as the last entry the FINAL-NORM
 output norm(h_L) (``last_state="norm"``, the default). ``last_state="raw"`` keeps the raw output
-of layer L instead. The difference matters for clustering: a final norm rescales every feature,
-so the last boundary's CKA drops far below the raw one (SmolLM2-135M: 0.40 against 0.997) and
-CRaSh then cuts there.
+of layer L instead. The difference can matter for clustering: a final norm rescales every
+feature, so the last boundary looks less similar, and CRaSh cuts there once it is among the
+K - 1 weakest (docs/analysis.md has SmolLM2-135M's figures).
 """
 
 from __future__ import annotations
