@@ -4,6 +4,8 @@ inputs are independent of the padding side; the last layer state is output_hidde
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from lm_eval.api.instance import Instance
@@ -11,10 +13,11 @@ from lm_eval.models.huggingface import HFLM
 
 from crashlm.evaluation import CrashlmLM, model_max_length
 from crashlm.lens import token_states
-from crashlm.models import num_layers
-from crashlm.scoring import IGNORE_INDEX, encode_pair, encode_request, encode_text, mean_answer_loss
+from crashlm.models import load_model, num_layers
+from crashlm.scoring import IGNORE_INDEX, encode_example, encode_pair, encode_request, encode_text, mean_answer_loss
 from crashlm.similarity import collect_pooled_states
 from crashlm.tasks import Example
+from crashlm.training import TrainConfig, split_examples, train_full
 from tests.tiny import TINY_LAYOUTS, tiny_model, tiny_tokenizer
 
 REQUESTS = [
@@ -153,3 +156,15 @@ def test_the_states_are_output_hidden_states_all_l_plus_one_of_them(arch):
         assert float((raw[-1] - reference[-1]).abs().max()) > 1e-3  # the final norm changes the last state
         torch.testing.assert_close(raw[:-1], reference[:-1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_training_records_how_many_examples_max_length_truncated(tiny_llama_dir, tmp_path):
+    model, tok = load_model(str(tiny_llama_dir))
+    config = TrainConfig(task="piqa", train_samples=8, val_samples=4, max_steps=1, batch_size=4, max_length=40)
+    train, _ = split_examples(config)
+    expected = sum(encode_example(tok, ex, 40).truncated for ex in train)
+    assert 0 < expected < len(train)  # the slice holds PIQA items longer and shorter than 41 tokens
+    out = train_full(model, tok, config, tmp_path / "full")
+    record = json.loads((out / "training.json").read_text())["training"]
+    assert record["truncated_train_examples"] == expected
+

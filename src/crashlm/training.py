@@ -555,6 +555,8 @@ class _Trainer:
         record = {
             "kind": self.kind, "config": config.to_dict(), "steps": self.total_steps,
             "steps_per_epoch": self.steps_per_epoch, "train_examples": len(self.pairs), "val_examples": len(self.val),
+            # Examples longer than max_length lose the start of their context, as in evaluation.
+            "truncated_train_examples": sum(p.truncated for p in self.pairs),
             "num_processes": acc.num_processes, "distributed_type": acc.distributed_type.value,
             "mixed_precision": acc.mixed_precision, "device": str(acc.device),
             "best_step": self.best_step, "best_val_loss": self.best_loss,
