@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .errors import RunFailure, UsageError
 from .io import read_json, write_json
-from .scoring import encode_request, encode_text, pad_token_id, prefix_token_id
+from .scoring import encode_request, encode_text, pad_token_id, prefix_token_id, truncate_request
 from .tasks import SOURCES, get_task, lm_eval_task_config
 
 RESULT_FORMAT = "crashlm-eval"
@@ -163,17 +163,6 @@ class CrashlmLM(LM):
         """lm-eval's causal encoding; an empty context becomes the prefix (BOS/EOS) token."""
         return encode_request(self.tokenizer, context, continuation)
 
-    def _truncate(self, context: list[int], continuation: list[int]) -> Encoded:
-        """Keep the last ``max_length + 1`` tokens (the model reads ``max_length``), as lm-eval and
-        :func:`~crashlm.scoring.encode_pair` do; an answer longer than ``max_length`` keeps its
-        last ``max_length`` tokens, as in training (lm-eval refuses such a request)."""
-        whole = context + continuation
-        if len(whole) <= self.max_length + 1:
-            return context, continuation
-        kept = whole[-(self.max_length + 1):]
-        answer = min(len(continuation), self.max_length)
-        return kept[:-answer], kept[-answer:]
-
     def can_pack(self, encoded: Sequence[Encoded]) -> bool:
         """Packing needs a 4D-mask-aware architecture, and no sliding window that a request outgrows."""
         config = self.model.config
@@ -192,7 +181,7 @@ class CrashlmLM(LM):
         """(summed log-likelihood, greedy?) of each (context ids, continuation ids), in order.
 
         ``pack`` None packs requests that share a context whenever :meth:`can_pack` allows."""
-        truncated = [self._truncate(list(c), list(x)) for c, x in encoded]
+        truncated = [truncate_request(list(c), list(x), self.max_length) for c, x in encoded]
         self.truncated = sum(len(t[0]) + len(t[1]) < len(c) + len(x) for t, (c, x) in zip(truncated, encoded))
         encoded = truncated
         if any(not c or not x for c, x in encoded):

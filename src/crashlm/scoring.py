@@ -86,17 +86,25 @@ class EncodedPair:
         return sum(1 for x in self.labels[1:] if x != IGNORE_INDEX)
 
 
+def truncate_request(context_ids: list[int], answer_ids: list[int], max_length: int | None) -> tuple[list[int], list[int]]:
+    """Keep the last ``max_length + 1`` tokens (the model reads ``max_length``), as lm-eval does; an
+    answer longer than ``max_length`` keeps its last ``max_length`` tokens (lm-eval would refuse it)."""
+    whole = context_ids + answer_ids
+    if max_length is None or len(whole) <= max_length + 1:
+        return context_ids, answer_ids
+    kept = whole[-(max_length + 1):]
+    answer = min(len(answer_ids), max_length)
+    return kept[:-answer], kept[-answer:]
+
+
 def encode_pair(tokenizer, context: str, continuation: str, max_length: int | None = None) -> EncodedPair:
     """lm-eval's causal encoding of a pair; the model reads at most ``max_length`` of its tokens."""
     context_ids, answer_ids = encode_request(tokenizer, context, continuation)
     if not answer_ids:
         raise ValueError(f"the continuation {continuation!r} encodes to no token")
-    whole = context_ids + answer_ids
-    labels = [IGNORE_INDEX] * len(context_ids) + answer_ids
-    truncated = max_length is not None and len(whole) > max_length + 1
-    if truncated:  # an answer longer than max_length loses its start too (lm-eval would refuse it)
-        whole, labels = whole[-(max_length + 1):], labels[-(max_length + 1):]
-    return EncodedPair(whole, labels, truncated)
+    kept_context, kept_answer = truncate_request(context_ids, answer_ids, max_length)
+    truncated = len(kept_context) + len(kept_answer) < len(context_ids) + len(answer_ids)
+    return EncodedPair(kept_context + kept_answer, [IGNORE_INDEX] * len(kept_context) + kept_answer, truncated)
 
 
 def encode_example(tokenizer, example, max_length: int | None = None) -> EncodedPair:
