@@ -1,6 +1,6 @@
 """All-pairs linear CKA: crashlm's one-product path vs the per-pair style of the original code.
 
-crashlm (``crashlm.similarity.cka_matrix``) centres each layer's Gram matrix once, stacks them
+crashlm (``crashlm.analysis.similarity.cka_matrix``) centres each layer's Gram matrix once, stacks them
 and gets every pair's HSIC from one matrix product. The original CRaSh code (the widespread
 ``CKA.py``: ``linear_CKA(X, Y)``) works pair by pair in numpy float64: for each pair it
 recomputes both Gram matrices, builds the n x n centring matrix ``H = I - 11^T / n`` and forms
@@ -9,7 +9,7 @@ HSIC(Y, Y)). The unbiased reference is the same per-pair loop with Kornblith et 
 centring. The references are given the upper triangle only (i <= j, then mirrored), which
 halves their work. Both sides get the same features and must agree to 1e-5.
 
-Then the minibatch path (``crashlm.similarity.minibatch_cka``: unbiased HSIC averaged over
+Then the minibatch path (``crashlm.analysis.similarity.minibatch_cka``: unbiased HSIC averaged over
 batches, Nguyen, Raghu & Kornblith 2021) runs on 20,000 samples streamed in chunks, in a fresh
 process whose peak resident memory (VmHWM - VmRSS before the work, from /proc; torch's
 allocations are invisible to tracemalloc) is compared with what the full-batch Gram matrices
@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from crashlm.similarity import cka_matrix, minibatch_cka
+from crashlm.analysis.similarity import cka_matrix, minibatch_cka
 
 BLOCK = 8  # layers per block of the synthetic features
 STREAM_CHUNK = 64  # samples per chunk of the minibatch stream, like a forward pass's batch

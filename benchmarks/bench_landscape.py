@@ -26,13 +26,12 @@ import platform
 import time
 
 import torch
-
 from tqdm.auto import tqdm
 
-from crashlm.landscape import Subspace, grid_axis
-from crashlm.models import get_layers, load_model, load_tokenizer, resolve_model
-from crashlm.scoring import mean_answer_loss
-from crashlm.tasks import load_examples
+from crashlm.analysis.landscape import Subspace, grid_axis
+from crashlm.core.models import get_layers, load_model, load_tokenizer, resolve_model
+from crashlm.core.scoring import mean_answer_loss
+from crashlm.core.tasks import load_examples
 
 
 def _load(spec: str, random_init: bool):

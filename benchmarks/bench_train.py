@@ -2,8 +2,8 @@
 
 Every configuration trains on the same synthetic batch (B rows of T tokens, the last A of them
 the answer) with the training loop's step: answer-token loss
-(:func:`crashlm.training.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
-``crashlm train`` picks (:func:`crashlm.training.use_bf16`: bf16 autocast where the device computes
+(:func:`crashlm.training.loop.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
+``crashlm train`` picks (:func:`crashlm.training.loop.use_bf16`: bf16 autocast where the device computes
 bf16 natively, fp32 elsewhere). Each runs in a fresh worker process, so its peak memory is its own:
 
 * CPU: peak RSS growth over the worker's RSS after imports (sampled every 20 ms), i.e. weights +
@@ -64,11 +64,11 @@ def load(model: str, random_init: bool, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not random_init:
-        from crashlm.models import load_model
+        from crashlm.core.models import load_model
 
         return load_model(model, dtype=dtype)[0]
     try:
-        from crashlm.models import resolve_model
+        from crashlm.core.models import resolve_model
 
         config = AutoConfig.from_pretrained(resolve_model(model))
     except Exception:  # no model files here: the built-in SmolLM2-135M shape
@@ -82,9 +82,9 @@ def load(model: str, random_init: bool, dtype=torch.float32):
 def make_plans(model, args) -> tuple[dict, str]:
     """uniform and crash plans (crash-share uses crash's); CKA of the real model except with
     --random-init (no trained weights or data) or --quick (saves a model load and a pass)."""
-    from crashlm.emulator import make_plan
-    from crashlm.models import num_layers
-    from crashlm.plans import crash_plan, default_k
+    from crashlm.core.models import num_layers
+    from crashlm.emulators.emulator import make_plan
+    from crashlm.emulators.plans import crash_plan, default_k
 
     plans = {"uniform": make_plan(model, "uniform", model_name=args.model)}
     if args.random_init or args.quick:
@@ -96,7 +96,7 @@ def make_plans(model, args) -> tuple[dict, str]:
                                     model=args.model)
         source = "a synthetic adjacent-similarity profile (--random-init / --quick)"
     else:
-        from crashlm.similarity import compute_similarity
+        from crashlm.analysis.similarity import compute_similarity
 
         similarity = compute_similarity(args.model, task="piqa", samples=args.similarity_samples, batch_size=8)
         plans["crash"] = make_plan(model, "crash", similarity=similarity, model_name=args.model)
@@ -162,7 +162,7 @@ class PeakRSS:
 
 def step_flops(model, trainable: set[int], batch: int, seq: int, answer: int) -> float:
     """The FLOP estimate of the module docstring for one optimizer step."""
-    from crashlm.models import get_layers
+    from crashlm.core.models import get_layers
 
     layers = get_layers(model)
     sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
@@ -177,11 +177,11 @@ def step_flops(model, trainable: set[int], batch: int, seq: int, answer: int) ->
 
 
 def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> dict[str, torch.Tensor]:
-    from crashlm.scoring import IGNORE_INDEX
+    from crashlm.core.scoring import IGNORE_INDEX
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, vocab, (batch, seq + 1), generator=generator)
-    input_ids, targets = tokens[:, :-1], tokens[:, 1:].clone()  # as crashlm.scoring.collate aligns them
+    input_ids, targets = tokens[:, :-1], tokens[:, 1:].clone()  # as crashlm.core.scoring.collate aligns them
     targets[:, : seq - answer] = IGNORE_INDEX
     return {"input_ids": input_ids.to(device), "targets": targets.to(device),
             "attention_mask": torch.ones_like(input_ids).to(device)}
@@ -189,10 +189,10 @@ def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> di
 
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
-    from crashlm.emulator import build_emulator, strategy_shares
-    from crashlm.models import get_layers
-    from crashlm.plans import LayerPlan
-    from crashlm.training import batch_answer_loss, use_bf16
+    from crashlm.core.models import get_layers
+    from crashlm.emulators.emulator import build_emulator, strategy_shares
+    from crashlm.emulators.plans import LayerPlan
+    from crashlm.training.loop import batch_answer_loss, use_bf16
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     started = time.perf_counter()
-    from crashlm.training import use_bf16
+    from crashlm.training.loop import use_bf16
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)

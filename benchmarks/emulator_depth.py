@@ -22,12 +22,12 @@ import json
 
 import torch
 
-from crashlm.emulator import build_emulator, make_plan
-from crashlm.models import get_layers, load_model, set_layers
-from crashlm.plans import DEFAULT_TRAINABLE
-from crashlm.scoring import mean_answer_loss
-from crashlm.similarity import SimilarityResult
-from crashlm.tasks import load_examples
+from crashlm.analysis.similarity import SimilarityResult
+from crashlm.core.models import get_layers, load_model, set_layers
+from crashlm.core.scoring import mean_answer_loss
+from crashlm.core.tasks import load_examples
+from crashlm.emulators.emulator import build_emulator, make_plan
+from crashlm.emulators.plans import DEFAULT_TRAINABLE
 
 STRATEGIES = ("uniform", "crash", "crash-share")
 

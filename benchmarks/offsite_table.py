@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from crashlm.io import read_json, write_json
-from crashlm.offsite import OffsiteConfig, build_table, table_markdown
+from crashlm.core.io import read_json, write_json
+from crashlm.experiments.offsite import OffsiteConfig, build_table, table_markdown
 
 
 def main() -> None:

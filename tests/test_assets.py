@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from crashlm import assets
-from crashlm.errors import RunFailure
-from crashlm.models import load_model, resolve_model
+from crashlm.core import assets
+from crashlm.core.errors import RunFailure
+from crashlm.core.models import load_model, resolve_model
 
 PARTS = [b"GGUF-part-zero|", b"part-one|", b"part-two|", b"part-three"]
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from crashlm.similarity import compute_similarity
+from crashlm.analysis.similarity import compute_similarity
 from tests.tiny import CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]

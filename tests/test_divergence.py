@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from crashlm.divergence import (
+from crashlm.analysis.divergence import (
     MEASURES,
     SYMMETRIC,
     DivergenceAccumulator,
@@ -17,11 +17,11 @@ from crashlm.divergence import (
     compute_divergence,
     pairwise_divergences,
 )
-from crashlm.emulator import build_emulator, save_bundle
-from crashlm.errors import UsageError
-from crashlm.lens import emulator_depth, lens_statistics
-from crashlm.models import fingerprint
-from crashlm.plans import LayerPlan, uniform_plan
+from crashlm.analysis.lens import emulator_depth, lens_statistics
+from crashlm.core.errors import UsageError
+from crashlm.core.models import fingerprint
+from crashlm.emulators.emulator import build_emulator, save_bundle
+from crashlm.emulators.plans import LayerPlan, uniform_plan
 from tests.cli import run_cli
 from tests.tiny import tiny_model
 

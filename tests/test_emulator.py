@@ -19,8 +19,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import crashlm
-from crashlm import assets
-from crashlm.emulator import (
+from crashlm.analysis.similarity import SimilarityResult
+from crashlm.core import assets
+from crashlm.core.errors import UsageError
+from crashlm.core.models import fingerprint, get_layers, load_model
+from crashlm.emulators.emulator import (
     BASE_WEIGHTS,
     HF_WEIGHTS,
     LAYER_WEIGHTS,
@@ -33,10 +36,8 @@ from crashlm.emulator import (
     save_bundle,
     strategy_shares,
 )
-from crashlm.errors import UsageError
-from crashlm.models import fingerprint, get_layers, load_model
-from crashlm.plans import LayerPlan
-from crashlm.plugin import (
+from crashlm.emulators.plans import LayerPlan
+from crashlm.emulators.plugin import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
     PLUGIN_META,
@@ -45,7 +46,6 @@ from crashlm.plugin import (
     load_target,
     save_adapter,
 )
-from crashlm.similarity import SimilarityResult
 from tests.cli import run_cli
 from tests.tiny import batch, tiny_model
 
@@ -526,7 +526,7 @@ def tensor_bytes(directory) -> int:
 
 @pytest.mark.integration
 def test_crash_share_emulator_of_the_real_model(tmp_path, capsys):
-    from crashlm.similarity import compute_similarity
+    from crashlm.analysis.similarity import compute_similarity
 
     compute_similarity("smollm2-135m", task="piqa", samples=8).save(tmp_path / "similarity")
     bundle = tmp_path / "bundle"

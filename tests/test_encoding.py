@@ -11,13 +11,20 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from crashlm.evaluation import CrashlmLM, model_max_length
-from crashlm.lens import token_states
-from crashlm.models import load_model, num_layers
-from crashlm.scoring import IGNORE_INDEX, encode_example, encode_pair, encode_request, encode_text, mean_answer_loss
-from crashlm.similarity import collect_pooled_states
-from crashlm.tasks import Example
-from crashlm.training import TrainConfig, split_examples, train_full
+from crashlm.analysis.lens import token_states
+from crashlm.analysis.similarity import collect_pooled_states
+from crashlm.core.models import load_model, num_layers
+from crashlm.core.scoring import (
+    IGNORE_INDEX,
+    encode_example,
+    encode_pair,
+    encode_request,
+    encode_text,
+    mean_answer_loss,
+)
+from crashlm.core.tasks import Example
+from crashlm.evaluation.harness import CrashlmLM, model_max_length
+from crashlm.training.loop import TrainConfig, split_examples, train_full
 from tests.tiny import TINY_LAYOUTS, tiny_model, tiny_tokenizer
 
 REQUESTS = [

@@ -21,15 +21,25 @@ import torch
 import transformers.modeling_utils
 from transformers import BertConfig, T5Config
 
-import crashlm.io
-import crashlm.tasks
+import crashlm.core.io
+import crashlm.core.tasks
+from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import main
-from crashlm.emulator import build_emulator, load_emulator, make_plan, save_bundle
-from crashlm.errors import UsageError
-from crashlm.io import sha256_file, write_json
-from crashlm.models import load_model
-from crashlm.plugin import ADAPTER_META, ADAPTER_WEIGHTS, load_target, save_adapter
-from crashlm.similarity import SimilarityResult
+from crashlm.core.errors import UsageError
+from crashlm.core.io import sha256_file, write_json
+from crashlm.core.models import load_model
+from crashlm.emulators.emulator import (
+    build_emulator,
+    load_emulator,
+    make_plan,
+    save_bundle,
+)
+from crashlm.emulators.plugin import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    load_target,
+    save_adapter,
+)
 from tests.cli import run_cli
 from tests.tiny import CORPUS, save_tiny
 
@@ -515,7 +525,7 @@ def test_no_disk_space_keeps_the_previous_result(assets, tmp_path, capsys, monke
 
 
 def test_no_disk_space_in_a_bundle_with_sharing(assets, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(crashlm.io, "save_file", half_written())
+    monkeypatch.setattr(crashlm.core.io, "save_file", half_written())
     out = tmp_path / "bundle"
     fails(["emulator", "--model", str(assets["model"]), "--strategy", "crash-share", "--similarity",
            str(assets["similarity"]), "--k", "3", "--trainable", "2", "--out", str(out)], capsys, code=1,
@@ -530,7 +540,7 @@ def test_disk_full_outside_our_writers_is_one_line(code, capsys, monkeypatch):
     def full(*_args, **_kwargs):
         raise OSError(code, os.strerror(code), "/cache/datasets/piqa.arrow")
 
-    monkeypatch.setattr(crashlm.tasks, "_load_split", full)
+    monkeypatch.setattr(crashlm.core.tasks, "_load_split", full)
     line = fails(["tasks", "--show", "piqa"], capsys, code=1)
     assert os.strerror(code) in line and "/cache/datasets/piqa.arrow" in line
 
@@ -653,7 +663,7 @@ def test_no_pickle_or_torch_load_in_the_package():
 # Direct writes that are safe by design, with the reason.
 APPEND_ONLY = {
     # The landscape's point log is a journal: one flushed row per point; a torn last row is dropped on read.
-    ("landscape.py", 'open(self.path, "a"'),
+    ("analysis/landscape.py", 'open(self.path, "a"'),
 }
 
 
@@ -663,10 +673,10 @@ def test_every_artifact_is_written_to_a_temporary_name_first():
     direct = [
         f"{name}:{number}: {line.strip()}"
         for name, number, line in _source_lines()
-        if name != "io.py" and writer.search(line) and not re.search(r"\b(tmp|staging)\b", line)
+        if name != "core/io.py" and writer.search(line) and not re.search(r"\b(tmp|staging)\b", line)
         and not any(name == file and snippet in line for file, snippet in APPEND_ONLY)
     ]
-    assert direct == [], "write through crashlm.io.atomic_path / atomic_dir / atomic_files"
+    assert direct == [], "write through crashlm.core.io.atomic_path / atomic_dir / atomic_files"
 
 
 def test_eval_refuses_a_directory_as_its_output_before_loading(tmp_path, capsys):

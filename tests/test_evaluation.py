@@ -1,5 +1,5 @@
 """lm-eval evaluation: CrashlmLM's packed scoring equals plain scoring, lm-eval's numbers equal
-our own direct scoring (crashlm.scoring) on the same items, the result JSON and the CLI."""
+our own direct scoring (crashlm.core.scoring) on the same items, the result JSON and the CLI."""
 
 from __future__ import annotations
 
@@ -12,11 +12,19 @@ import torch
 from lm_eval.api.instance import Instance
 
 from crashlm.cli import main
-from crashlm.errors import RunFailure, UsageError
-from crashlm.evaluation import PACKABLE_ARCHITECTURES, CrashlmLM, EvalResult, compute_dtype, evaluate, native_bf16, resolve_splits
-from crashlm.models import get_layers, set_layers
-from crashlm.scoring import choice_loglikelihoods, multiple_choice_accuracy
-from crashlm.tasks import get_task, load_examples
+from crashlm.core.errors import UsageError
+from crashlm.core.models import get_layers, set_layers
+from crashlm.core.scoring import choice_loglikelihoods, multiple_choice_accuracy
+from crashlm.core.tasks import get_task, load_examples
+from crashlm.evaluation.harness import (
+    PACKABLE_ARCHITECTURES,
+    CrashlmLM,
+    EvalResult,
+    compute_dtype,
+    evaluate,
+    native_bf16,
+    resolve_splits,
+)
 from tests.tiny import TINY_LAYOUTS, save_tiny, tiny_model
 
 # Requests sharing contexts, with one-token and multi-token answers.
@@ -237,7 +245,7 @@ def test_cli_usage_errors(tiny_long_dir, tmp_path, capsys, args, message):
 
 @pytest.fixture(scope="module")
 def real_model():
-    from crashlm.models import load_model
+    from crashlm.core.models import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32)
 

@@ -12,9 +12,7 @@ import json
 import pytest
 import torch
 
-from crashlm.cli import main
-from crashlm.errors import UsageError
-from crashlm.landscape import (
+from crashlm.analysis.landscape import (
     CONFIG_FILE,
     POINTS_FILE,
     RESULT_FILE,
@@ -27,10 +25,12 @@ from crashlm.landscape import (
     landscape_2d,
     sweep,
 )
-from crashlm.models import fingerprint, get_layers, load_model
-from crashlm.plugin import save_adapter
-from crashlm.scoring import mean_answer_loss
-from crashlm.tasks import load_examples
+from crashlm.cli import main
+from crashlm.core.errors import UsageError
+from crashlm.core.models import fingerprint, get_layers, load_model
+from crashlm.core.scoring import mean_answer_loss
+from crashlm.core.tasks import load_examples
+from crashlm.emulators.plugin import save_adapter
 from tests.tiny import save_tiny, tiny_model
 
 TASK, LIMIT = "piqa", 4

@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 
-from crashlm.emulator import build_emulator, save_bundle
-from crashlm.errors import UsageError
-from crashlm.lens import (
+from crashlm.analysis.lens import (
     LensStats,
     LensTrainConfig,
     Trajectory,
@@ -23,8 +21,10 @@ from crashlm.lens import (
     train_tuned_lens,
     trajectory,
 )
-from crashlm.models import fingerprint, get_final_norm, get_layers, get_unembed
-from crashlm.plans import uniform_plan
+from crashlm.core.errors import UsageError
+from crashlm.core.models import fingerprint, get_final_norm, get_layers, get_unembed
+from crashlm.emulators.emulator import build_emulator, save_bundle
+from crashlm.emulators.plans import uniform_plan
 from tests.cli import run_cli
 from tests.tiny import TINY_LAYOUTS, batch, save_tiny, tiny_model
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, T5Config
 
-from crashlm.errors import UsageError
-from crashlm.models import (
+from crashlm.core.errors import UsageError
+from crashlm.core.models import (
     ARCHITECTURES,
     arch_spec,
     capture_layer_io,

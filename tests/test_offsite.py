@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from crashlm.offsite import OffsiteConfig, build_table
+from crashlm.experiments.offsite import OffsiteConfig, build_table
 from tests.cli import run_cli
 from tests.tiny import save_tiny
 

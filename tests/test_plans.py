@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from crashlm.errors import UsageError
-from crashlm.plans import (
+from crashlm.core.errors import UsageError
+from crashlm.emulators.plans import (
     LayerPlan,
     auto_k,
     contiguous_clusters,

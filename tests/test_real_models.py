@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from crashlm.evaluation import EvalResult, _quiet_lm_eval
-from crashlm.tasks import lm_eval_task_config
+from crashlm.core.tasks import lm_eval_task_config
+from crashlm.evaluation.harness import EvalResult, _quiet_lm_eval
 from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration
@@ -25,7 +25,7 @@ def _hflm_acc(alias: str, tasks: list[str]) -> dict[str, float]:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from crashlm.models import load_model
+    from crashlm.core.models import load_model
 
     model, tok = load_model(alias, dtype=torch.float32)
     configs = [dict(lm_eval_task_config(task, "validation", ITEMS), num_fewshot=0) for task in tasks]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from crashlm.cli import main
+from crashlm.core.io import write_json
+from crashlm.emulators.plans import crash_plan
+from crashlm.outputs.plotting import plot_clusters, plot_offsite_table
+from crashlm.outputs.report import build_report, write_report
 from tests.cli import run_cli
-from crashlm.io import write_json
-from crashlm.plans import crash_plan
-from crashlm.plotting import plot_clusters, plot_offsite_table
-from crashlm.report import build_report, write_report
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
+from crashlm.analysis.similarity import compute_similarity
 from crashlm.cli import main
-from crashlm.similarity import compute_similarity
 from tests.tiny import CORPUS
 
 

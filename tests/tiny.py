@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from crashlm.models import ARCHITECTURES
+from crashlm.core.models import ARCHITECTURES
 
 VOCAB_SIZE = 512
 HIDDEN = 32

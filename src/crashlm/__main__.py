@@ -1,3 +1,3 @@
-from .cli import main
+from crashlm.cli import main
 
 main()

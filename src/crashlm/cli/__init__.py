@@ -1,7 +1,7 @@
 """The ``crashlm`` command line: parse, call the library, print.
 
 Each command group lives in its own module and registers itself on :data:`app`. User errors
-(:class:`~crashlm.errors.CrashlmError`) become one line on stderr with exit code 2 (usage) or
+(:class:`~crashlm.core.errors.CrashlmError`) become one line on stderr with exit code 2 (usage) or
 1 (run failure); ``--debug`` keeps the traceback.
 """
 
@@ -13,8 +13,8 @@ import sys
 
 import typer
 
-from ..errors import CrashlmError
-from ._common import console, err_console, state
+from crashlm.cli._common import console, err_console, state
+from crashlm.core.errors import CrashlmError
 
 app = typer.Typer(
     name="crashlm",
@@ -35,7 +35,7 @@ def _root(
 ) -> None:
     state.debug = debug
     if deterministic:
-        from ..reproducibility import make_deterministic
+        from crashlm.core.reproducibility import make_deterministic
 
         make_deterministic()
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from rich.console import Console
 
-from ..errors import UsageError
+from crashlm.core.errors import UsageError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from .. import plans
-from ..assets import DEFAULT_MODEL
-from ..errors import UsageError
-from ..io import atomic_files, check_output_dir
-from ..tasks import ANALYSIS_SPLIT
-from . import app
-from ._common import console, parse_dtype, positive
+from crashlm.cli import app
+from crashlm.cli._common import console, parse_dtype, positive
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import atomic_files, check_output_dir
+from crashlm.core.tasks import ANALYSIS_SPLIT
+from crashlm.emulators import plans
 
 SIMILARITY_SOURCES = ("cka", "lens")
 # What marks --out as crashlm's: an earlier plan, or the similarity the plan is made from.
@@ -37,7 +37,7 @@ def cluster(
     dtype: str = typer.Option("float32", "--dtype", help="Weights / autocast dtype: float32 or bfloat16 (same fingerprint)."),
 ) -> None:
     """Cluster layers by similarity and keep one per cluster (CRaSh), or drop uniformly (OFT)."""
-    from ..models import fingerprint, load_model, num_layers
+    from crashlm.core.models import fingerprint, load_model, num_layers
 
     if strategy not in ("crash", "uniform"):
         raise UsageError(f"unknown strategy {strategy!r}; choose crash or uniform")
@@ -53,7 +53,7 @@ def cluster(
 
     sim = None
     if strategy == "crash" and similarity is not None:
-        from ..similarity import SimilarityResult
+        from crashlm.analysis.similarity import SimilarityResult
 
         sim = SimilarityResult.load(similarity)
     model_spec = model or (sim.model if sim else DEFAULT_MODEL)
@@ -74,15 +74,18 @@ def cluster(
                 raise UsageError(f"{similarity} describes {sim.num_layers} layers but {model_spec} has {depth}")
             adjacent, matrix, settings = sim.adjacent_layers, sim.cka, {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
         elif similarity_source == "lens":
-            from ..divergence import adjacent_similarity, compute_divergence
-            from ..tasks import load_examples
+            from crashlm.analysis.divergence import (
+                adjacent_similarity,
+                compute_divergence,
+            )
+            from crashlm.core.tasks import load_examples
 
             texts = [ex.text for ex in load_examples(task, split, limit=samples)]
             result = compute_divergence(full_model, tokenizer, texts, batch_size=batch_size)
             adjacent, matrix = adjacent_similarity(result, "js"), None
             settings = {"source": "lens", "measure": "js", "task": task, "split": split, "samples": len(texts)}
         else:
-            from ..similarity import compute_similarity
+            from crashlm.analysis.similarity import compute_similarity
 
             del full_model  # compute_similarity loads its own copy
             sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
@@ -93,7 +96,7 @@ def cluster(
             k = plans.auto_k(adjacent, trainable)
         plan = plans.crash_plan(adjacent, k, trainable, similarity=settings, **meta)
 
-    from ..plotting import plot_clusters
+    from crashlm.outputs.plotting import plot_clusters
 
     with atomic_files(out, OUT_MARKERS) as staging:  # all files or none
         if sim is not None and similarity is None:

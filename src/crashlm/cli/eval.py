@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..errors import UsageError
-from . import app
-from ._common import DTYPES, console, parse_list, positive
+from crashlm.cli import app
+from crashlm.cli._common import DTYPES, console, parse_list, positive
+from crashlm.core.errors import UsageError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -38,10 +38,10 @@ def eval_command(
     out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
 ) -> None:
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
-    from ..evaluation import evaluate, resolve_splits
-    from ..io import check_output_file
-    from ..models import default_device
-    from ..plugin import load_target
+    from crashlm.core.io import check_output_file
+    from crashlm.core.models import default_device
+    from crashlm.emulators.plugin import load_target
+    from crashlm.evaluation.harness import evaluate, resolve_splits
 
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")

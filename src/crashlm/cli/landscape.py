@@ -8,11 +8,23 @@ from typing import Optional
 
 import typer
 
-from ..errors import UsageError
-from ..landscape import DIRECTIONS, Landscape1D, Landscape1DConfig, Landscape2D, Landscape2DConfig, landscape_1d, landscape_2d
-from ..plotting import plot_landscape_1d, plot_landscape_2d_contour, plot_landscape_2d_surface
-from . import app
-from ._common import console
+from crashlm.analysis.landscape import (
+    DIRECTIONS,
+    Landscape1D,
+    Landscape1DConfig,
+    Landscape2D,
+    Landscape2DConfig,
+    landscape_1d,
+    landscape_2d,
+)
+from crashlm.cli import app
+from crashlm.cli._common import console
+from crashlm.core.errors import UsageError
+from crashlm.outputs.plotting import (
+    plot_landscape_1d,
+    plot_landscape_2d_contour,
+    plot_landscape_2d_surface,
+)
 
 landscape_app = typer.Typer(
     help="Loss landscapes in fp32: 1D between two models, 2D around an origin. Re-run the same command to resume.",

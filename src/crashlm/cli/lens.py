@@ -8,12 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from ..assets import DEFAULT_MODEL
-from ..errors import UsageError
-from ..divergence import RESULT_FILE as DIVERGENCE_FILE
-from ..io import atomic_files, check_output_dir, read_text_lines, write_json
-from . import app
-from ._common import console, positive
+from crashlm.analysis.divergence import RESULT_FILE as DIVERGENCE_FILE
+from crashlm.cli import app
+from crashlm.cli._common import console, positive
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import atomic_files, check_output_dir, read_text_lines, write_json
 
 LENS_FILE = "lens.json"
 DEFAULT_PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin."
@@ -41,14 +41,14 @@ def _texts(task: str, text: Optional[Path], samples: int, split: str, seed: int 
     positive(samples, "--samples", allow_none=False)
     if text is not None:
         return read_text_lines(text, "--text file")[:samples], f"text:{text.name}"
-    from ..tasks import load_examples
+    from crashlm.core.tasks import load_examples
 
     return [example.text for example in load_examples(task, split, limit=samples, seed=seed)], task
 
 
 def _read_lens(kind: str, path: Optional[Path]):
     """The tuned lens of ``--lens tuned --lens-path P``, or None for the logit lens."""
-    from ..lens import LENS_KINDS, TunedLens
+    from crashlm.analysis.lens import LENS_KINDS, TunedLens
 
     if kind not in LENS_KINDS:
         raise UsageError(f"unknown lens {kind!r}; choose one of {', '.join(LENS_KINDS)}")
@@ -63,7 +63,7 @@ def _read_lens(kind: str, path: Optional[Path]):
 
 def _load_full(spec: str, device: Optional[str], lens):
     """``(model, tokenizer, fingerprint)`` of the full model, refusing a lens trained on another one."""
-    from ..models import default_device, fingerprint, load_model
+    from crashlm.core.models import default_device, fingerprint, load_model
 
     model, tokenizer = load_model(spec, device=device or default_device())
     base = fingerprint(model)
@@ -75,8 +75,8 @@ def _load_full(spec: str, device: Optional[str], lens):
 
 def _load_emulator(path: Path, device: Optional[str], base: str | None, lens):
     """An emulator bundle made from the full model with fingerprint ``base`` (when given)."""
-    from ..emulator import load_emulator
-    from ..models import default_device
+    from crashlm.core.models import default_device
+    from crashlm.emulators.emulator import load_emulator
 
     emulator = load_emulator(path, device=device or default_device())
     if base is not None and emulator.base_fingerprint not in (None, base):
@@ -132,9 +132,9 @@ def lens(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from ..emulator import read_manifest
-    from ..lens import emulator_depth, lens_statistics, trajectory
-    from ..plotting import plot_lens_curves, plot_trajectory
+    from crashlm.analysis.lens import emulator_depth, lens_statistics, trajectory
+    from crashlm.emulators.emulator import read_manifest
+    from crashlm.outputs.plotting import plot_lens_curves, plot_trajectory
 
     positive(max_length, "--max-length", allow_none=False)
     positive(batch_size, "--batch-size", allow_none=False)
@@ -199,7 +199,7 @@ def train(
     One residual affine translator per layer, zero-initialised (so it starts as the logit lens),
     minimising KL(model output || lens).
     """
-    from ..lens import LensTrainConfig, train_tuned_lens
+    from crashlm.analysis.lens import LensTrainConfig, train_tuned_lens
 
     config = LensTrainConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                              warmup_steps=min(LensTrainConfig.warmup_steps, steps // 10), seed=seed)
@@ -232,9 +232,13 @@ def divergence(
     Jensen-Shannon, KL, Hellinger, L2 and cosine distance between the layers' next-token
     distributions (probabilities), averaged over every token of the texts.
     """
-    from ..divergence import MEASURES, adjacent_similarity, compute_divergence
-    from ..lens import emulator_depth
-    from ..plotting import plot_divergence
+    from crashlm.analysis.divergence import (
+        MEASURES,
+        adjacent_similarity,
+        compute_divergence,
+    )
+    from crashlm.analysis.lens import emulator_depth
+    from crashlm.outputs.plotting import plot_divergence
 
     if model is not None and emulator is not None:
         raise UsageError("give --model or --emulator, not both")

@@ -7,13 +7,13 @@ from typing import Optional
 
 import typer
 
-from ..assets import DEFAULT_MODEL
-from ..errors import UsageError
-from ..io import check_output_dir
-from ..plans import DEFAULT_TRAINABLE
-from ..tasks import ANALYSIS_SPLIT
-from . import app
-from ._common import DTYPES, console, parse_dtype, positive
+from crashlm.cli import app
+from crashlm.cli._common import DTYPES, console, parse_dtype, positive
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import check_output_dir
+from crashlm.core.tasks import ANALYSIS_SPLIT
+from crashlm.emulators.plans import DEFAULT_TRAINABLE
 
 
 @app.command()
@@ -44,9 +44,15 @@ def emulator(
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype of the bundle: {', '.join(DTYPES)}."),
 ) -> None:
     """Build an emulator from a layer plan and save its bundle (no removed layer's weights)."""
-    from ..emulator import build_emulator, check_strategy, make_plan, save_bundle, strategy_shares
-    from ..models import load_model
-    from ..plans import LayerPlan
+    from crashlm.core.models import load_model
+    from crashlm.emulators.emulator import (
+        build_emulator,
+        check_strategy,
+        make_plan,
+        save_bundle,
+        strategy_shares,
+    )
+    from crashlm.emulators.plans import LayerPlan
 
     check_strategy(strategy)
     check_output_dir(out)  # refuse a directory that is not ours before any work
@@ -64,7 +70,7 @@ def emulator(
     layer_plan = LayerPlan.load(plan) if plan is not None else None
     sim = None
     if similarity is not None:
-        from ..similarity import SimilarityResult
+        from crashlm.analysis.similarity import SimilarityResult
 
         sim = SimilarityResult.load(similarity)
     spec = model or (layer_plan.model if layer_plan else None) or DEFAULT_MODEL
@@ -100,8 +106,8 @@ def plugin(
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)}."),
 ) -> None:
     """Plug a trained adapter into the full model at its original layers and save the model."""
-    from ..io import read_json
-    from ..plugin import PLUGIN_META, plug_in
+    from crashlm.core.io import read_json
+    from crashlm.emulators.plugin import PLUGIN_META, plug_in
 
     check_output_dir(out)
     plug_in(model, adapter, out, dtype=parse_dtype(dtype))

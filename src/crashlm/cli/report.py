@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from . import app
-from ._common import console
+from crashlm.cli import app
+from crashlm.cli._common import console
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory (e.g. from `crashlm offsite`).")) -> None:
     """Write RUN_DIR/report.html with every figure embedded, and the configuration behind each."""
-    from ..report import write_report
+    from crashlm.outputs.report import write_report
 
     console.print(f"wrote {write_report(run_dir)}")

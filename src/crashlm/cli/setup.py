@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .. import assets
-from ..models import supported_architectures
-from . import app
-from ._common import console
+from crashlm.cli import app
+from crashlm.cli._common import console
+from crashlm.core import assets
+from crashlm.core.models import supported_architectures
 
 
 @app.command()

@@ -7,14 +7,25 @@ from typing import Optional
 
 import typer
 
-from ..assets import DEFAULT_MODEL
-from ..errors import UsageError
-from ..io import atomic_files, check_output_dir, read_text_lines
-from ..plotting import layer_labels, plot_adjacent_cka, plot_cka_grid, plot_cka_heatmap
-from ..similarity import ESTIMATORS, KERNELS, LAST_STATES, POOLINGS, SimilarityResult, compute_similarity
-from ..tasks import ANALYSIS_SPLIT
-from . import app
-from ._common import console, parse_dtype, parse_list
+from crashlm.analysis.similarity import (
+    ESTIMATORS,
+    KERNELS,
+    POOLINGS,
+    SimilarityResult,
+    compute_similarity,
+)
+from crashlm.cli import app
+from crashlm.cli._common import console, parse_dtype, parse_list
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import atomic_files, check_output_dir, read_text_lines
+from crashlm.core.tasks import ANALYSIS_SPLIT
+from crashlm.outputs.plotting import (
+    layer_labels,
+    plot_adjacent_cka,
+    plot_cka_grid,
+    plot_cka_heatmap,
+)
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 # What marks --out as an earlier similarity output (one model, or --models side by side).

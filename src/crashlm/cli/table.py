@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ..assets import DEFAULT_MODEL
-from ..plans import DEFAULT_TRAINABLE
-from . import app
-from ._common import console, parse_int_list, parse_list
+from crashlm.cli import app
+from crashlm.cli._common import console, parse_int_list, parse_list
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.emulators.plans import DEFAULT_TRAINABLE
 
 
 @app.command()
@@ -40,7 +40,7 @@ def offsite(
     max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most, in training, validation and evaluation alike."),
 ) -> None:
     """Plans, emulators, training, plug-in and evaluation -> RUN_DIR/table.{json,md,png}."""
-    from ..offsite import OffsiteConfig, run_offsite, table_markdown
+    from crashlm.experiments.offsite import OffsiteConfig, run_offsite, table_markdown
 
     config = OffsiteConfig(
         model=model, tasks=parse_list(tasks, "--tasks"), strategies=parse_list(strategies, "--strategies"),

@@ -8,9 +8,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .. import tasks as task_registry
-from . import app
-from ._common import console, positive
+from crashlm.cli import app
+from crashlm.cli._common import console, positive
+from crashlm.core import tasks as task_registry
 
 
 @app.command()

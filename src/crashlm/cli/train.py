@@ -12,10 +12,10 @@ from typing import Optional
 
 import typer
 
-from ..assets import DEFAULT_MODEL
-from ..errors import UsageError
-from . import app
-from ._common import console
+from crashlm.cli import app
+from crashlm.cli._common import console
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
 
 
 def _print(text: str) -> None:
@@ -54,9 +54,15 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run kept in OUT.partial (starts fresh when there is none)."),
 ) -> None:
     """Train adapter layers on an emulator, or fine-tune a full model; keep the best checkpoint by validation loss."""
-    from ..io import read_json
-    from ..plugin import ADAPTER_META
-    from ..training import TRAINING_META, TrainConfig, checkpoint_dir, train_adapter, train_full
+    from crashlm.core.io import read_json
+    from crashlm.emulators.plugin import ADAPTER_META
+    from crashlm.training.loop import (
+        TRAINING_META,
+        TrainConfig,
+        checkpoint_dir,
+        train_adapter,
+        train_full,
+    )
 
     if (emulator is None) == (model is None):
         raise UsageError("give --emulator DIR (adapter training) or --model M --full (full fine-tuning)")
@@ -76,13 +82,13 @@ def train(
     if resume and checkpoint_dir(out).exists():
         _print(f"resuming from {checkpoint_dir(out)}")
     if emulator is not None:
-        from ..emulator import load_emulator
+        from crashlm.emulators.emulator import load_emulator
 
         emu = load_emulator(emulator)
         train_adapter(emu, config, out, resume=resume)
         meta_name, what = ADAPTER_META, f"adapter layers {sorted(emu.adapter_layers())} of {emulator}"
     else:
-        from ..models import load_model
+        from crashlm.core.models import load_model
 
         full_model, tokenizer = load_model(model)
         train_full(full_model, tokenizer, config, out, resume=resume)
@@ -115,10 +121,10 @@ def distill(
     no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in fp32. Default: bf16 autocast where the device has native bf16, else fp32."),
 ) -> None:
     """OFT knowledge distillation of an emulator from the full model: 1.0 * LM + 30 * KD (Xiao et al. 2023)."""
-    from ..emulator import load_emulator, save_bundle
-    from ..models import load_model
-    from ..tasks import load_examples
-    from ..training import distill_emulator, distillation_loss
+    from crashlm.core.models import load_model
+    from crashlm.core.tasks import load_examples
+    from crashlm.emulators.emulator import load_emulator, save_bundle
+    from crashlm.training.loop import distill_emulator, distillation_loss
 
     if out.exists():
         raise UsageError(f"{out} already exists; choose another --out or remove it")

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import RunFailure, UsageError
+from crashlm.core.errors import RunFailure, UsageError
 
 
 def _umask() -> int:

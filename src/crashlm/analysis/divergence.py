@@ -1,7 +1,7 @@
 """Layer-to-layer divergence: how far apart the next-token distributions of two layers are.
 
 Every state's residual stream is decoded to a next-token distribution with a lens
-(:mod:`crashlm.lens`: logit lens, or a tuned lens) and every pair of states (i, j) is compared
+(:mod:`crashlm.analysis.lens`: logit lens, or a tuned lens) and every pair of states (i, j) is compared
 token by token, then averaged over the real tokens of the samples. All measures act on
 **probabilities** (the original CRaSh code passed log-probabilities to functions that expect
 probabilities, which makes its numbers meaningless: negative "distributions", JS not bounded).
@@ -15,7 +15,7 @@ With p = P_i, q = P_j and m = (p + q) / 2, in nats:
 * ``cosine``: cosine *distance* 1 - <p, q> / (|p| |q|), in [0, 1], so that, like the others,
   it is 0 on the diagonal.
 
-States are numbered as in :mod:`crashlm.lens`: S = L + 1, index 0 the embedding output. The
+States are numbered as in :mod:`crashlm.analysis.lens`: S = L + 1, index 0 the embedding output. The
 diagonal is set to exactly zero and the symmetric measures are symmetrised, so float rounding
 never shows as a spurious self-distance.
 """
@@ -30,9 +30,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .io import dataclass_fields, read_json, write_json
-from .lens import TunedLens, check_depth, iter_token_states, layer_log_probs
+from crashlm.analysis.lens import (
+    TunedLens,
+    check_depth,
+    iter_token_states,
+    layer_log_probs,
+)
+from crashlm.core.errors import UsageError
+from crashlm.core.io import dataclass_fields, read_json, write_json
 
 MEASURES = ("js", "kl", "hellinger", "l2", "cosine")
 SYMMETRIC = ("js", "hellinger", "l2", "cosine")
@@ -173,7 +178,7 @@ class DivergenceResult:
 
     ``measures[name]`` is an S x S matrix (S = L + 1, index 0 the embedding output); for ``kl``
     the entry [i][j] is KL(P_i || P_j). ``depth`` is each state's depth in the full model (see
-    :func:`~crashlm.lens.emulator_depth`); ``settings`` records how the result was made.
+    :func:`~crashlm.analysis.lens.emulator_depth`); ``settings`` records how the result was made.
     """
 
     model: str
@@ -274,7 +279,7 @@ def compute_divergence(
 def adjacent_similarity(result: DivergenceResult, measure: str = "js") -> list[float]:
     """The L - 1 similarities in [0, 1] between consecutive decoder layers (b, b + 1), 0-based.
 
-    The input of :func:`crashlm.plans.crash_plan`, like ``SimilarityResult.adjacent_layers``:
+    The input of :func:`crashlm.emulators.plans.crash_plan`, like ``SimilarityResult.adjacent_layers``:
     the embedding state is left out. Each bounded measure d becomes 1 - d / max(d) (JS / ln 2,
     Hellinger, L2 / sqrt 2, cosine distance); KL, unbounded, becomes exp(-(KL_ij + KL_ji) / 2).
     """

@@ -29,10 +29,10 @@ from typing import Callable
 
 from rich.console import Console
 
-from . import plans
-from .assets import DEFAULT_MODEL
-from .errors import UsageError
-from .io import read_json, write_json
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import read_json, write_json
+from crashlm.emulators import plans
 
 STRATEGY_NAMES = {
     "uniform": "Uniform",
@@ -75,8 +75,8 @@ class OffsiteConfig:
     max_length: int = 256
 
     def validate(self) -> None:
-        from .emulator import EMULATOR_STRATEGIES
-        from .tasks import get_task
+        from crashlm.core.tasks import get_task
+        from crashlm.emulators.emulator import EMULATOR_STRATEGIES
 
         for task in self.tasks:
             spec = get_task(task)
@@ -99,7 +99,7 @@ class OffsiteConfig:
                 raise UsageError(f"{name.replace('_', '-')} must be positive")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError("seeds must be distinct and at least one")
-        from .models import load_config
+        from crashlm.core.models import load_config
 
         depth = load_config(self.model).num_hidden_layers  # a missing or unsupported model fails here, fast
         if self.strategies or self.distill:
@@ -151,7 +151,7 @@ class Pipeline:
         return output
 
     def _train_config(self, task: str, seed: int):
-        from .training import TrainConfig
+        from crashlm.training.loop import TrainConfig
 
         c = self.config
         return TrainConfig(
@@ -161,8 +161,8 @@ class Pipeline:
         )
 
     def _evaluate(self, out: Path, task: str, **target) -> None:
-        from .evaluation import evaluate
-        from .plugin import load_target
+        from crashlm.emulators.plugin import load_target
+        from crashlm.evaluation.harness import evaluate
 
         model, tokenizer, description = load_target(**target)
         result = evaluate(model, tokenizer, [task], limit=self.config.eval_limit, split=self.config.eval_split,
@@ -177,8 +177,8 @@ class Pipeline:
                    lambda: self._evaluate(self.run_dir / task / "full_zs.json", task, model=c.model))
         if not c.full_ft:
             return
-        from .models import load_model
-        from .training import train_full
+        from crashlm.core.models import load_model
+        from crashlm.training.loop import train_full
 
         for seed in c.seeds:
             seed_dir = self.run_dir / task / "full_ft" / f"seed{seed}"
@@ -196,7 +196,7 @@ class Pipeline:
 
         It runs on the task's training inputs, never on evaluation items.
         """
-        from .similarity import SimilarityResult, compute_similarity
+        from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 
         c = self.config
         path = self.run_dir / task / "similarity" / "similarity.json"
@@ -214,10 +214,14 @@ class Pipeline:
         bundle = sdir / "emulator"
 
         def build() -> None:
-            from .emulator import build_emulator, make_plan, save_bundle
-            from .models import load_model
-            from .plotting import plot_clusters
-            from .tasks import load_examples
+            from crashlm.core.models import load_model
+            from crashlm.core.tasks import load_examples
+            from crashlm.emulators.emulator import (
+                build_emulator,
+                make_plan,
+                save_bundle,
+            )
+            from crashlm.outputs.plotting import plot_clusters
 
             similarity = None if base == "uniform" else self.similarity(task)
             model, tokenizer = load_model(c.model)
@@ -226,7 +230,7 @@ class Pipeline:
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             emulator = build_emulator(model, tokenizer, plan, sharing=base == "crash-share")
             if strategy == "uniform-kd":
-                from .training import distill_emulator
+                from crashlm.training.loop import distill_emulator
 
                 teacher, _ = load_model(c.model)
                 texts = [ex.context for ex in load_examples("boolq", "train", limit=c.distill_steps * c.batch_size)]
@@ -241,8 +245,8 @@ class Pipeline:
             adapter = seed_dir / "adapter"
 
             def train(seed=seed, adapter=adapter):
-                from .emulator import load_emulator
-                from .training import train_adapter
+                from crashlm.emulators.emulator import load_emulator
+                from crashlm.training.loop import train_adapter
 
                 train_adapter(load_emulator(bundle), self._train_config(task, seed), adapter, resume=True)
 
@@ -261,7 +265,7 @@ class Pipeline:
             self.full_model_rows(task)
             for strategy in self.config.strategy_runs():
                 self.strategy_rows(task, strategy)
-        from .report import write_report
+        from crashlm.outputs.report import write_report
 
         table = build_table(self.run_dir, self.config)
         write_table(self.run_dir, table)
@@ -343,8 +347,8 @@ def table_markdown(table: dict) -> str:
 
 
 def write_table(run_dir: Path, table: dict) -> None:
-    from .io import atomic_path
-    from .plotting import plot_offsite_table
+    from crashlm.core.io import atomic_path
+    from crashlm.outputs.plotting import plot_offsite_table
 
     write_json(run_dir / "table.json", table)
     with atomic_path(run_dir / "table.md") as tmp:

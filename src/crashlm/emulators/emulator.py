@@ -1,7 +1,7 @@
 """Emulators: the compressed stand-in for the full model that the data owner fine-tunes on.
 
 An emulator is the full model with its decoder stack replaced by ``plan.slots(sharing,
-share_trainable)`` (see :mod:`crashlm.plans`): for every position, the module named by the
+share_trainable)`` (see :mod:`crashlm.emulators.plans`): for every position, the module named by the
 slot's key. ``adapter.<s>`` is layer s itself and trains; ``frozen.<s>`` is layer s, frozen;
 ``copy.<s>`` is a frozen copy of trainable layer s's pretrained weights (what the original
 CRaSh puts where a removed position's nearest kept layer trains). Positions with the same key
@@ -44,15 +44,38 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from . import __version__
-from .errors import UsageError
-from .io import atomic_dir, load_tensors, read_artifact_meta, read_json, save_tensors, sha256_file, write_json
-from .models import arch_spec, fingerprint, get_layers, load_tokenizer, num_layers, set_layers
-from .plans import DEFAULT_TRAINABLE, LayerPlan, Slot, check_k, crash_plan, default_k, uniform_plan
-from .tasks import ANALYSIS_SPLIT
+from crashlm import __version__
+from crashlm.core.errors import UsageError
+from crashlm.core.io import (
+    atomic_dir,
+    load_tensors,
+    read_artifact_meta,
+    read_json,
+    save_tensors,
+    sha256_file,
+    write_json,
+)
+from crashlm.core.models import (
+    arch_spec,
+    fingerprint,
+    get_layers,
+    load_tokenizer,
+    num_layers,
+    set_layers,
+)
+from crashlm.core.tasks import ANALYSIS_SPLIT
+from crashlm.emulators.plans import (
+    DEFAULT_TRAINABLE,
+    LayerPlan,
+    Slot,
+    check_k,
+    crash_plan,
+    default_k,
+    uniform_plan,
+)
 
 if TYPE_CHECKING:
-    from .similarity import SimilarityResult
+    from crashlm.analysis.similarity import SimilarityResult
 
 EMULATOR_STRATEGIES = ("uniform", "crash", "crash-share")
 BUNDLE_FORMAT = "crashlm-emulator"
@@ -93,10 +116,10 @@ def make_plan(
 ) -> LayerPlan:
     """The layer plan of ``strategy`` for ``model``, stamped with its fingerprint and name.
 
-    CRaSh strategies cluster by ``similarity`` (a :class:`~crashlm.similarity.SimilarityResult`).
+    CRaSh strategies cluster by ``similarity`` (a :class:`~crashlm.analysis.similarity.SimilarityResult`).
     When it is not given it is computed on ``samples`` examples of ``task``'s ``split`` (the
     train split by default: no evaluation item shapes the plan) by
-    :func:`~crashlm.similarity.compute_similarity`, which loads ``model_name`` itself; K is
+    :func:`~crashlm.analysis.similarity.compute_similarity`, which loads ``model_name`` itself; K is
     checked first, so a bad K fails before that work.
     """
     check_strategy(strategy)
@@ -108,7 +131,7 @@ def make_plan(
     if strategy == "uniform":
         return uniform_plan(depth, k, trainable, **meta)
     if similarity is None:
-        from .similarity import compute_similarity
+        from crashlm.analysis.similarity import compute_similarity
 
         if model_name is None:
             raise UsageError("computing the layer similarity needs the model's name or path (model_name)")

@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import assets
-from .errors import UsageError
+from crashlm.core import assets
+from crashlm.core.errors import UsageError
 
 
 @dataclass(frozen=True)

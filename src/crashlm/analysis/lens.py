@@ -1,12 +1,12 @@
 """Layer lenses: what each layer's residual state would predict as the next token.
 
 The **logit lens** decodes every residual state the way the model decodes its last one:
-final norm, then unembedding (:func:`crashlm.models.hidden_to_logits`; the original CRaSh code
+final norm, then unembedding (:func:`crashlm.core.models.hidden_to_logits`; the original CRaSh code
 skipped the norm, which makes early layers look far worse than they are). The **tuned lens**
 (Belrose et al. 2023) first maps each state through a learned affine translator, trained so
 the decoded distribution matches the model's final one.
 
-States are numbered like :func:`crashlm.models.capture_layer_io`: S = L + 1 states, index 0 is
+States are numbered like :func:`crashlm.core.models.capture_layer_io`: S = L + 1 states, index 0 is
 the embedding output and index l the output of decoder layer l. For an emulator, the layers are
 its positions, and each state has a **depth** in the full model (:func:`emulator_depth`): the
 full-model layer whose output it stands for. A :class:`TunedLens` has L translators, one per
@@ -28,13 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import RunFailure, UsageError
-from .io import atomic_dir, dataclass_fields, load_tensors, read_artifact_meta, read_json, save_tensors, write_json
-from .models import capture_layer_io, get_layers, hidden_to_logits
-from .scoring import IGNORE_INDEX, encode_text, pad_batch, pad_token_id
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import (
+    atomic_dir,
+    dataclass_fields,
+    load_tensors,
+    read_artifact_meta,
+    save_tensors,
+    write_json,
+)
+from crashlm.core.models import capture_layer_io, get_layers, hidden_to_logits
+from crashlm.core.scoring import IGNORE_INDEX, encode_text, pad_batch, pad_token_id
 
 if TYPE_CHECKING:
-    from .emulator import Emulator
+    from crashlm.emulators.emulator import Emulator
 
 LENS_KINDS = ("logit", "tuned")
 LENS_FORMAT = "crashlm-tuned-lens"

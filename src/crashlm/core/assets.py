@@ -22,8 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunFailure, UsageError
-from .io import sha256_file
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import sha256_file
 
 
 @dataclass(frozen=True)

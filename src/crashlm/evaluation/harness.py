@@ -1,10 +1,10 @@
 """Zero-shot evaluation with lm-evaluation-harness on a model held in memory (``crashlm eval``).
 
 lm-eval builds the requests and computes the metrics (acc, acc_norm, their standard errors)
-from task configs made from our registry (:func:`crashlm.tasks.lm_eval_task_config`), so the
+from task configs made from our registry (:func:`crashlm.core.tasks.lm_eval_task_config`), so the
 items and their formatting are exactly those the emulators are trained on. The model side is
 :class:`CrashlmLM`, which returns the same numbers as lm-eval's ``HFLM`` up to float rounding
-(the same encoding, :func:`crashlm.scoring.encode_request`: special tokens as the tokenizer adds
+(the same encoding, :func:`crashlm.core.scoring.encode_request`: special tokens as the tokenizer adds
 them, the same context/continuation split and left truncation) with less compute per request:
 
 * requests that share a context (the choices of one item) are packed into one row: the context
@@ -37,11 +37,17 @@ from lm_eval.api.model import LM
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import RunFailure, UsageError
-from .io import read_json, write_json
-from .scoring import encode_request, encode_text, pad_token_id, prefix_token_id, truncate_request
-from .tasks import SOURCES, get_task, lm_eval_task_config
+from crashlm import __version__
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import read_json, write_json
+from crashlm.core.scoring import (
+    encode_request,
+    encode_text,
+    pad_token_id,
+    prefix_token_id,
+    truncate_request,
+)
+from crashlm.core.tasks import SOURCES, get_task, lm_eval_task_config
 
 RESULT_FORMAT = "crashlm-eval"
 METRICS = ("acc", "acc_norm")

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .io import atomic_path, read_json, write_json
-from .models import default_device, fingerprint
-from .scoring import mean_answer_loss
+from crashlm.core.errors import UsageError
+from crashlm.core.io import atomic_path, read_json, write_json
+from crashlm.core.models import default_device, fingerprint
+from crashlm.core.scoring import mean_answer_loss
 
 DIRECTIONS = ("models", "random-filter-norm")
 CONFIG_FILE = "landscape_config.json"
@@ -466,7 +466,7 @@ class Landscape2D(LandscapeResult):
 
 def _load(spec: str, device: torch.device) -> tuple[nn.Module, Any]:
     """A model spec, emulator bundle or ``SPEC+ADAPTER`` as an fp32 model (plugin.load_target)."""
-    from .plugin import load_target
+    from crashlm.emulators.plugin import load_target
 
     model, tokenizer, _ = load_target(model=spec, dtype=torch.float32, device=device)
     return model, tokenizer
@@ -499,7 +499,7 @@ def _run(
 
     Returns the losses by point and the result's common fields (anchors, examples, fingerprints).
     """
-    from .tasks import load_examples
+    from crashlm.core.tasks import load_examples
 
     _check_int(batch_size, "--batch-size", 1)
     out_dir = Path(out_dir)

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UsageError
-from .io import read_json, write_json
+from crashlm.core.errors import UsageError
+from crashlm.core.io import read_json, write_json
 
 PLAN_VERSION = 1
 STRATEGIES = ("crash", "uniform", "custom")

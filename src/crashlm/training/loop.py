@@ -4,7 +4,7 @@ Adapter training and full fine-tuning share one loop (:class:`_Trainer`) built o
 ``accelerate.Accelerator``, so ``accelerate launch`` runs it on several processes or GPUs: DDP
 (CPU over gloo included), DeepSpeed ZeRO-1/2, and FSDP for full fine-tuning (``configs/``).
 The loss is the mean cross-entropy over the answer tokens of the task's single formatting
-(:func:`crashlm.scoring.encode_example`), so training sees exactly what evaluation scores.
+(:func:`crashlm.core.scoring.encode_example`), so training sees exactly what evaluation scores.
 AdamW, cosine or linear schedule with warmup, gradient clipping; bf16 autocast where the device
 computes bf16 natively (:func:`use_bf16`), weights and optimizer state in fp32.
 
@@ -25,7 +25,7 @@ tensors): safetensors and JSON only, never pickle. A checkpoint directory is wri
 temporary name, renamed, and only then named in ``latest.json``, so a kill at any moment leaves
 the previous checkpoint usable. Resuming restores all of it and continues at the next step: on
 CPU the result is bit-identical to an uninterrupted run. A non-finite loss stops the run with
-:class:`~crashlm.errors.RunFailure`, the last good checkpoint kept.
+:class:`~crashlm.core.errors.RunFailure`, the last good checkpoint kept.
 
 Selection. The validation loss is computed every ``eval_every`` optimizer steps (by default at
 the end of every epoch) and always at the last step; the weights with the lowest validation
@@ -48,12 +48,27 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .emulator import Emulator
-from .errors import RunFailure, UsageError
-from .io import atomic_dir, load_tensors, read_json, save_tensors, write_json
-from .models import capture_layer_io, default_device, fingerprint
-from .scoring import (IGNORE_INDEX, EncodedPair, answer_loss, collate, encode_example, encode_text, mean_answer_loss,
-                      pad_batch, pad_token_id)
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import (
+    atomic_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
+from crashlm.core.models import capture_layer_io, default_device, fingerprint
+from crashlm.core.scoring import (
+    IGNORE_INDEX,
+    EncodedPair,
+    answer_loss,
+    collate,
+    encode_example,
+    encode_text,
+    mean_answer_loss,
+    pad_batch,
+    pad_token_id,
+)
+from crashlm.emulators.emulator import Emulator
 
 SCHEDULES = ("cosine", "linear")
 # The held-out validation docs are the same for every seed: a fixed permutation of the train split.
@@ -91,7 +106,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # optimizer steps between resumable checkpoints (also at every evaluation)
 
     def validate(self) -> None:
-        from .tasks import SOURCES, get_task
+        from crashlm.core.tasks import SOURCES, get_task
 
         get_task(self.task)
         if self.data_source not in SOURCES:
@@ -132,7 +147,7 @@ class TrainConfig:
 
 def split_examples(config: TrainConfig) -> tuple[list, list]:
     """``(train, validation)`` examples from the task's train split (see the module docstring)."""
-    from .tasks import load_examples
+    from crashlm.core.tasks import load_examples
 
     examples = load_examples(config.task, "train", source=config.data_source)
     if len(examples) <= config.val_samples:
@@ -147,7 +162,7 @@ def split_examples(config: TrainConfig) -> tuple[list, list]:
 
 
 def batch_answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """:func:`~crashlm.scoring.answer_loss` of a batch, unembedding only from the first answer position on.
+    """:func:`~crashlm.core.scoring.answer_loss` of a batch, unembedding only from the first answer position on.
 
     The unembedding and its softmax are a large share of a small model's compute (SmolLM2:
     49k vocabulary vs 576 hidden), and only answer positions need them.
@@ -169,7 +184,10 @@ def _optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.opt
 
 
 def _schedule(optimizer: torch.optim.Optimizer, name: str, warmup_ratio: float, total_steps: int):
-    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from transformers import (
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
 
     make = get_cosine_schedule_with_warmup if name == "cosine" else get_linear_schedule_with_warmup
     return make(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
@@ -239,7 +257,7 @@ def use_bf16(requested: bool, device: torch.device) -> bool:
     CPUs without AVX512-BF16 or AMX (AVX2-only hosts) emulate bf16 matmuls, measured 5-80x
     slower than fp32 on such a host (EPYC, torch 2.13): there training runs in fp32 instead.
     """
-    from .evaluation import native_bf16
+    from crashlm.evaluation.harness import native_bf16
 
     return requested and native_bf16(device)
 
@@ -615,7 +633,7 @@ def train_adapter(emulator: Emulator, config: TrainConfig, out_dir: str | Path, 
     before saving, so the adapter file always holds plain layer weights.
     ``resume=True`` continues ``<out_dir>.partial`` (or starts one when there is none).
     """
-    from .plugin import save_adapter
+    from crashlm.emulators.plugin import save_adapter
 
     emulator.freeze()
     model = emulator.model

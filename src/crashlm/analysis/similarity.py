@@ -35,12 +35,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .assets import DEFAULT_MODEL
-from .errors import RunFailure, UsageError
-from .io import read_json, write_json
-from .models import capture_layer_io, default_device, get_final_norm, load_model
-from .scoring import encode_text, pad_batch, pad_token_id
-from .tasks import ANALYSIS_SPLIT, load_examples
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.io import read_json, write_json
+from crashlm.core.models import (
+    capture_layer_io,
+    default_device,
+    get_final_norm,
+    load_model,
+)
+from crashlm.core.scoring import encode_text, pad_batch, pad_token_id
+from crashlm.core.tasks import ANALYSIS_SPLIT, load_examples
 
 POOLINGS = ("mean", "mean_weighted", "last", "max")
 ESTIMATORS = ("biased", "unbiased")
@@ -105,7 +110,7 @@ def iter_pooled_states(
 
     Index 0 is the embedding output, index l the output of decoder layer l (1-based); the last
     one goes through the final norm unless ``last_state="raw"``. Texts are encoded as
-    :func:`~crashlm.scoring.encode_text` (BOS where the tokenizer adds one) and right-padded.
+    :func:`~crashlm.core.scoring.encode_text` (BOS where the tokenizer adds one) and right-padded.
     Only one batch's token states are alive at a time. The base model is called (no LM head):
     logits over the vocabulary for every token would cost more memory than all the layer states.
     """

@@ -19,12 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .assets import DEFAULT_MODEL
-from .emulator import Emulator, is_bundle, load_emulator
-from .errors import UsageError
-from .io import atomic_dir, load_tensors, read_artifact_meta, read_json, save_tensors, write_json
-from .models import fingerprint, get_layers, load_model
-from .plans import LayerPlan
+from crashlm.core.assets import DEFAULT_MODEL
+from crashlm.core.errors import UsageError
+from crashlm.core.io import (
+    atomic_dir,
+    load_tensors,
+    read_artifact_meta,
+    save_tensors,
+    write_json,
+)
+from crashlm.core.models import fingerprint, get_layers, load_model
+from crashlm.emulators.emulator import Emulator, is_bundle, load_emulator
+from crashlm.emulators.plans import LayerPlan
 
 ADAPTER_FORMAT = "crashlm-adapter"
 ADAPTER_VERSION = 1

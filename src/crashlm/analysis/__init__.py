@@ -1,0 +1,1 @@
+"""Layer analyses: CKA similarity, logit and tuned lens, divergence, loss landscapes."""

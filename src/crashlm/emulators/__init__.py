@@ -1,0 +1,1 @@
+"""Emulators: layer plans, strategies, building, bundles, adapters and plug-in."""

@@ -1,0 +1,1 @@
+"""Evaluation through lm-evaluation-harness, scored exactly as its HFLM scores."""

@@ -1,0 +1,1 @@
+"""Experiments that chain the layers below: the offsite-tuning table."""

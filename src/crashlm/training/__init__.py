@@ -1,0 +1,1 @@
+"""The training engine: configuration, data, checkpoints, precision and the one loop."""
