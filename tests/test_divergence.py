@@ -15,7 +15,6 @@ from crashlm.analysis.divergence import (
     DivergenceResult,
     adjacent_similarity,
     compute_divergence,
-    pairwise_divergences,
 )
 from crashlm.analysis.lens import emulator_depth, lens_statistics
 from crashlm.core.errors import UsageError
@@ -32,6 +31,13 @@ TEXTS = [
     "Water boils at one hundred degrees Celsius at sea level.",
     "The quick brown fox jumps over the lazy dog.",
 ]
+
+
+def pairwise_divergences(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every measure between the S distributions of [S, n, V] log-probabilities, in one update."""
+    accumulator = DivergenceAccumulator()
+    accumulator.update(log_probs)
+    return accumulator.compute()
 
 
 def as_log_probs(*distributions: list[float]) -> torch.Tensor:

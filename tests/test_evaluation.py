@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance
 from crashlm.cli import main
 from crashlm.core.errors import UsageError
 from crashlm.core.models import get_layers, set_layers
-from crashlm.core.scoring import choice_loglikelihoods, multiple_choice_accuracy
+from crashlm.core.scoring import choice_loglikelihoods
 from crashlm.core.tasks import get_task, load_examples
 from crashlm.evaluation.harness import (
     PACKABLE_ARCHITECTURES,
@@ -169,7 +169,7 @@ def test_evaluate_equals_direct_scoring(tiny_long, tmp_path):
     scores = result.scores["piqa"]
     direct = choice_loglikelihoods(model, tok, _requests(examples))
     assert scores["n"] == 8 and result.config["splits"] == {"piqa": "validation"}
-    assert scores["acc"] == multiple_choice_accuracy(model, tok, examples)
+    assert scores["acc"] == _accuracy(examples, direct, norm=False)
     assert scores["acc_norm"] == _accuracy(examples, direct, norm=True)
     assert scores["acc_stderr"] > 0
     logged = [value for item in result.items["piqa"] for value in item["loglikelihoods"]]

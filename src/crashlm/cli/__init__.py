@@ -44,7 +44,7 @@ def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
     import importlib
 
-    for name in ("setup", "tasks", "similarity", "cluster", "table", "offsite", "lens", "landscape", "report", "train", "eval"):
+    for name in ("fetch", "models", "tasks", "similarity", "cluster", "emulator", "offsite", "plugin", "lens", "landscape", "report", "train", "eval"):
         try:
             importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as exc:

@@ -1,115 +1,54 @@
-"""Offsite-tuning commands: ``emulator`` (model owner), ``plugin`` (model owner, on return)."""
+"""``crashlm offsite``: the paper's comparison table from one command."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from crashlm.cli import app
-from crashlm.cli._common import DTYPES, console, parse_dtype, positive
+from crashlm.cli._common import console, parse_int_list, parse_list
 from crashlm.core.assets import DEFAULT_MODEL
-from crashlm.core.errors import UsageError
-from crashlm.core.io import check_output_dir
-from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators.plans import DEFAULT_TRAINABLE
 
 
 @app.command()
-def emulator(
-    out: Path = typer.Option(..., "--out", help="Bundle directory to write (what the data owner receives)."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help=f"Full model (alias, HF dir, .gguf, hub id). Default: the plan's model, else {DEFAULT_MODEL}."
+def offsite(
+    out: Path = typer.Option(..., "--out", help="Run directory; re-running with the same settings continues where it stopped."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", help="Base model (alias, HF dir, .gguf, hub id)."),
+    tasks: str = typer.Option("piqa", "--tasks", help="Comma-separated tasks (need a train split)."),
+    strategies: str = typer.Option("uniform,crash,crash-share", "--strategies", help="Emulator strategies: uniform, crash (w/o sharing), crash-share."),
+    full_ft: bool = typer.Option(True, "--full-ft/--no-full-ft", help="Include the full fine-tuning upper baseline."),
+    distill: bool = typer.Option(False, "--distill", help="Add the OFT + KD row (uniform emulator distilled on offline text)."),
+    k: int = typer.Option(None, "--k", help="Kept layers per emulator (default: half the layers)."),
+    trainable: int = typer.Option(DEFAULT_TRAINABLE, "--trainable", help="Trainable (adapter) layers."),
+    similarity_samples: int = typer.Option(128, "--similarity-samples", help="Training examples used for the CRaSh similarity."),
+    train_samples: int = typer.Option(2000, "--train-samples", help="Training examples per task."),
+    val_samples: int = typer.Option(200, "--val-samples", help="Validation examples for the validation loss (checkpoint selection)."),
+    epochs: int = typer.Option(1, "--epochs", help="Training epochs (ignored when --max-steps is given)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps per training run."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (AdamW, cosine schedule)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Training batch size."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
+    eval_every: int = typer.Option(
+        None, "--eval-every", help="Validation loss every K optimizer steps (best kept). Default: at the end of each epoch."
     ),
-    strategy: str = typer.Option(
-        "crash-share", "--strategy",
-        help="uniform (Offsite-Tuning drop), crash (CRaSh w/o sharing) or crash-share (CRaSh, full depth). "
-             "With --plan it only decides sharing.",
-    ),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="A plan.json from `crashlm cluster` (else one is made here)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Kept layers K. Default: half the layers, rounded."),
-    trainable: int = typer.Option(DEFAULT_TRAINABLE, "--trainable", help="Trainable (adapter) layers among the K."),
-    share_trainable: bool = typer.Option(
-        False, "--share-trainable",
-        help="crash-share: removed positions next to a trainable layer reuse it (tied) instead of a frozen copy.",
-    ),
-    similarity: Optional[Path] = typer.Option(
-        None, "--similarity", help="A similarity.json from `crashlm similarity` (crash strategies; else computed)."
-    ),
-    task: str = typer.Option("piqa", "--task", help="Task whose examples drive the similarity."),
-    split: str = typer.Option(ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."),
-    samples: int = typer.Option(512, "--samples", help="Examples for the similarity (at least 4)."),
-    pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
-    dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype of the bundle: {', '.join(DTYPES)}."),
+    eval_limit: int = typer.Option(300, "--eval-limit", help="Evaluation items per task (0 < N; omit the option for the default)."),
+    eval_split: str = typer.Option(None, "--eval-split", help="Evaluation split (default: each task's paper split)."),
+    seeds: str = typer.Option("1", "--seeds", help="Comma-separated seeds for the trained rows."),
+    distill_steps: int = typer.Option(100, "--distill-steps", help="Distillation steps for --distill."),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most, in training, validation and evaluation alike."),
 ) -> None:
-    """Build an emulator from a layer plan and save its bundle (no removed layer's weights)."""
-    from crashlm.core.models import load_model
-    from crashlm.emulators.emulator import (
-        build_emulator,
-        check_strategy,
-        make_plan,
-        save_bundle,
-        strategy_shares,
+    """Plans, emulators, training, plug-in and evaluation -> RUN_DIR/table.{json,md,png}."""
+    from crashlm.experiments.offsite import OffsiteConfig, run_offsite, table_markdown
+
+    config = OffsiteConfig(
+        model=model, tasks=parse_list(tasks, "--tasks"), strategies=parse_list(strategies, "--strategies"),
+        full_ft=full_ft, distill=distill, k=k, trainable=trainable, similarity_samples=similarity_samples,
+        train_samples=train_samples, val_samples=val_samples, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every, eval_limit=eval_limit, eval_split=eval_split,
+        seeds=parse_int_list(seeds, "--seeds"), distill_steps=distill_steps, max_length=max_length,
     )
-    from crashlm.emulators.plans import LayerPlan
-
-    check_strategy(strategy)
-    check_output_dir(out)  # refuse a directory that is not ours before any work
-    positive(k, "--k")
-    positive(trainable, "--trainable", allow_none=False)
-    positive(samples, "--samples", allow_none=False)
-    torch_dtype = parse_dtype(dtype)
-    sharing = strategy_shares(strategy)
-    if share_trainable and not sharing:
-        raise UsageError("--share-trainable applies to --strategy crash-share only")
-    if similarity is not None and strategy == "uniform":
-        raise UsageError("--similarity applies to the crash strategies; uniform ignores layer similarity")
-    if plan is not None and (k is not None or similarity is not None):
-        raise UsageError("--plan already fixes the layers: drop --k and --similarity")
-    layer_plan = LayerPlan.load(plan) if plan is not None else None
-    sim = None
-    if similarity is not None:
-        from crashlm.analysis.similarity import SimilarityResult
-
-        sim = SimilarityResult.load(similarity)
-    spec = model or (layer_plan.model if layer_plan else None) or DEFAULT_MODEL
-
-    full_model, tokenizer = load_model(spec, dtype=torch_dtype)
-    full_parameters = sum(p.numel() for p in full_model.parameters())
-    if layer_plan is None:
-        layer_plan = make_plan(full_model, strategy, k, trainable, sim, task=task, samples=samples,
-                               pooling=pooling, model_name=spec, split=split)
-    emu = build_emulator(full_model, tokenizer, layer_plan, sharing=sharing, share_trainable=share_trainable)
-    save_bundle(emu, out)
-
-    summary = emu.summary()
-    console.print(
-        f"{strategy} emulator of {spec}: {summary['positions']} positions, {summary['unique_layers']} unique layers "
-        f"(full model: {layer_plan.num_layers} layers)"
-    )
-    console.print(
-        f"parameters {summary['parameters']:,} of {full_parameters:,} "
-        f"({100 * summary['parameters'] / full_parameters:.1f} %), trainable {summary['trainable_parameters']:,}"
-    )
-    console.print(f"kept: {layer_plan.kept}\ntrainable: {layer_plan.trainable}")
-    console.print(f"wrote {out}")
-
-
-@app.command()
-def plugin(
-    adapter: Path = typer.Option(..., "--adapter", help="Adapter directory returned by the data owner."),
-    out: Path = typer.Option(..., "--out", help="Directory for the full model with the adapter plugged in (HF format)."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help=f"Full model. Default: the model named in the adapter's plan, else {DEFAULT_MODEL}."
-    ),
-    dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)}."),
-) -> None:
-    """Plug a trained adapter into the full model at its original layers and save the model."""
-    from crashlm.core.io import read_json
-    from crashlm.emulators.plugin import PLUGIN_META, plug_in
-
-    check_output_dir(out)
-    plug_in(model, adapter, out, dtype=parse_dtype(dtype))
-    record = read_json(out / PLUGIN_META, "plug-in record")
-    console.print(f"plugged adapter layers {record['sources']} into {record['base_model']}; wrote {out}")
+    table = run_offsite(config, out, console)
+    console.print(table_markdown(table))
+    console.print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}")

@@ -208,14 +208,3 @@ def choice_loglikelihoods(
         for i, value in zip(chunk, sums.tolist()):
             scores[i] = value
     return scores
-
-
-def multiple_choice_accuracy(model: nn.Module, tokenizer, examples: Sequence, **kwargs) -> float:
-    """Accuracy (lm-eval's ``acc``: argmax of summed log-likelihood) of the plain scorer."""
-    requests = [(ex.context, " " + choice) for ex in examples for choice in ex.choices]
-    scores = iter(choice_loglikelihoods(model, tokenizer, requests, **kwargs))
-    correct = 0
-    for ex in examples:
-        choice_scores = [next(scores) for _ in ex.choices]
-        correct += int(max(range(len(choice_scores)), key=choice_scores.__getitem__) == ex.gold)
-    return correct / len(examples)

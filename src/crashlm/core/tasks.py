@@ -33,7 +33,6 @@ from crashlm.core.io import atomic_path
 FORMAT_VERSION = 1
 
 SOURCES = ("offline", "hub")
-SPLITS = ("train", "validation", "test")
 
 # OLMES request files: which folder holds which split.
 _REQUEST_FOLDERS = {"train": "train_rc_5shot", "test": "test_rc_5shot"}
@@ -449,24 +448,6 @@ def summary(source: str = "offline") -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-# ----------------------------------------------------------------------------- plain text
-
-
-def read_text_file(path: str | Path) -> list[str]:
-    """Samples from a plain UTF-8 text file: one per non-empty line (e.g. one paragraph a line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"text file not found: {path}")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text: {exc}") from exc
-    samples = [line.strip() for line in content.splitlines() if line.strip()]
-    if not samples:
-        raise UsageError(f"text file {path} has no non-empty lines")
-    return samples
 
 
 # ----------------------------------------------------------------------------- lm-eval bridge

@@ -1,4 +1,4 @@
-"""Commands about assets: ``fetch`` and ``models``."""
+"""``crashlm models``: model aliases, what is cached, supported architectures."""
 
 from __future__ import annotations
 
@@ -8,13 +8,6 @@ from crashlm.cli import app
 from crashlm.cli._common import console
 from crashlm.core import assets
 from crashlm.core.models import supported_architectures
-
-
-@app.command()
-def fetch() -> None:
-    """Download the embedded model and benchmark data into the cache (once)."""
-    for name, path in assets.fetch_all().items():
-        console.print(f"{name}: {path}")
 
 
 @app.command()
