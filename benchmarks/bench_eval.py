@@ -2,7 +2,7 @@
 
 Both score the very same lm-eval ``Instance`` requests (every choice of the first ``--limit``
 items of each task's evaluation split): ``HFLM(pretrained=model, tokenizer=tok, batch_size=B)``
-in fp32, and :class:`crashlm.evaluation.harness.CrashlmLM` on its default path (bf16 autocast where
+in fp32, and :class:`crashlm.evaluation.lm.CrashlmLM` on its default path (bf16 autocast where
 the hardware has native bf16, else fp32; context packing; unembedding at answer positions
 only). Reports requests/s of each, the speedup (by wall-clock time, and by this process's CPU
 time, which a machine shared with other jobs disturbs less), each one's accuracy and the largest
@@ -36,7 +36,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from crashlm.core.models import load_model  # noqa: E402
 from crashlm.core.tasks import get_task, load_examples  # noqa: E402
-from crashlm.evaluation.harness import CrashlmLM  # noqa: E402
+from crashlm.evaluation.lm import CrashlmLM  # noqa: E402
 
 
 def _requests(task: str, limit: int, split: str | None = None) -> tuple[list[Instance], list]:

@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from crashlm.core.io import read_json, write_json
-from crashlm.experiments.offsite import OffsiteConfig, build_table, table_markdown
+from crashlm.experiments.offsite import OffsiteConfig, build_table
+from crashlm.outputs.tables import table_markdown
 
 
 def main() -> None:

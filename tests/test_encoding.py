@@ -23,7 +23,7 @@ from crashlm.core.scoring import (
     mean_answer_loss,
 )
 from crashlm.core.tasks import Example
-from crashlm.evaluation.harness import CrashlmLM, model_max_length
+from crashlm.evaluation.lm import CrashlmLM, model_max_length
 from crashlm.training.loop import TrainConfig, split_examples, train_full
 from tests.tiny import TINY_LAYOUTS, tiny_model, tiny_tokenizer
 

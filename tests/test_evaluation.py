@@ -13,18 +13,11 @@ from lm_eval.api.instance import Instance
 
 from crashlm.cli import main
 from crashlm.core.errors import UsageError
-from crashlm.core.models import get_layers, set_layers
+from crashlm.core.models import get_layers, native_bf16, set_layers
 from crashlm.core.scoring import choice_loglikelihoods
 from crashlm.core.tasks import get_task, load_examples
-from crashlm.evaluation.harness import (
-    PACKABLE_ARCHITECTURES,
-    CrashlmLM,
-    EvalResult,
-    compute_dtype,
-    evaluate,
-    native_bf16,
-    resolve_splits,
-)
+from crashlm.evaluation.lm import PACKABLE_ARCHITECTURES, CrashlmLM, compute_dtype
+from crashlm.evaluation.run import EvalResult, evaluate, resolve_splits
 from tests.tiny import TINY_LAYOUTS, save_tiny, tiny_model
 
 # Requests sharing contexts, with one-token and multi-token answers.

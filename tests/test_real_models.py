@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crashlm.core.tasks import lm_eval_task_config
-from crashlm.evaluation.harness import EvalResult, _quiet_lm_eval
+from crashlm.evaluation.run import EvalResult, _quiet_lm_eval
 from tests.cli import run_cli
 
 pytestmark = pytest.mark.integration

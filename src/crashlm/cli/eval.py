@@ -41,7 +41,7 @@ def eval_command(
     from crashlm.core.io import check_output_file
     from crashlm.core.models import default_device
     from crashlm.emulators.plugin import load_target
-    from crashlm.evaluation.harness import evaluate, resolve_splits
+    from crashlm.evaluation.run import evaluate, resolve_splits
 
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")

@@ -40,7 +40,8 @@ def offsite(
     max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most, in training, validation and evaluation alike."),
 ) -> None:
     """Plans, emulators, training, plug-in and evaluation -> RUN_DIR/table.{json,md,png}."""
-    from crashlm.experiments.offsite import OffsiteConfig, run_offsite, table_markdown
+    from crashlm.experiments.offsite import OffsiteConfig, run_offsite
+    from crashlm.outputs.tables import table_markdown
 
     config = OffsiteConfig(
         model=model, tasks=parse_list(tasks, "--tasks"), strategies=parse_list(strategies, "--strategies"),

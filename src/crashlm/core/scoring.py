@@ -201,7 +201,7 @@ def choice_loglikelihoods(
     autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
     """Summed log-likelihood of each (context, continuation) request, in request order: the plain,
-    one-request-per-row reference for the packed scorer of :mod:`crashlm.evaluation.harness`."""
+    one-request-per-row reference for the packed scorer of :mod:`crashlm.evaluation.lm`."""
     pairs = [encode_pair(tokenizer, c, x, max_length) for c, x in requests]
     scores = [0.0] * len(pairs)
     for chunk, sums, _ in _pair_logprobs(model, tokenizer, pairs, batch_size, autocast_dtype):

@@ -33,6 +33,7 @@ from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
 from crashlm.emulators import plans
+from crashlm.outputs.tables import table_markdown
 
 STRATEGY_NAMES = {
     "uniform": "Uniform",
@@ -162,7 +163,7 @@ class Pipeline:
 
     def _evaluate(self, out: Path, task: str, **target) -> None:
         from crashlm.emulators.plugin import load_target
-        from crashlm.evaluation.harness import evaluate
+        from crashlm.evaluation.run import evaluate
 
         model, tokenizer, description = load_target(**target)
         result = evaluate(model, tokenizer, [task], limit=self.config.eval_limit, split=self.config.eval_split,
@@ -321,29 +322,6 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
             row["gain_recovered"] = (row["average"] - zs) / (ft - zs)
     return {"model": config.model, "tasks": tasks, "seeds": list(config.seeds), "metric": "acc", "rows": rows,
             "config": config.to_dict()}
-
-
-def table_markdown(table: dict) -> str:
-    tasks = table["tasks"]
-    lines = [
-        "| row | " + " | ".join(tasks) + " | average | gain recovered |",
-        "|---|" + "---|" * (len(tasks) + 2),
-    ]
-    many_seeds = len(table["seeds"]) > 1
-    for row in table["rows"]:
-        cells = []
-        for task in tasks:
-            if task not in row["scores"]:
-                cells.append("–")
-            elif many_seeds and row["runs"][task] > 1:
-                cells.append(f"{100 * row['scores'][task]:.1f} ± {100 * row['spread'][task]:.1f}")
-            else:
-                cells.append(f"{100 * row['scores'][task]:.1f}")
-        average = "–" if row["average"] is None else f"{100 * row['average']:.1f}"
-        gain = f"{100 * row['gain_recovered']:.0f} %" if "gain_recovered" in row else ""
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {average} | {gain} |")
-    note = f"\nacc (%) on {', '.join(tasks)}; model {table['model']}; seeds {table['seeds']} (mean ± std where several)."
-    return "\n".join(lines) + "\n" + note + "\n"
 
 
 def write_table(run_dir: Path, table: dict) -> None:

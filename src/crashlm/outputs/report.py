@@ -20,6 +20,7 @@ from pathlib import Path
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_path, read_json
 from crashlm.emulators.plans import LayerPlan
+from crashlm.outputs.tables import table_html
 
 REPORT_FILE = "report.html"
 # Large result JSONs (matrices, grids) are summarised rather than dumped into the page.
@@ -55,24 +56,6 @@ def _json_block(path: Path, root: Path) -> str:
     return f"<details><summary>{name}</summary><pre>{html.escape(text)}</pre></details>"
 
 
-def _table_html(table: dict) -> str:
-    tasks = table["tasks"]
-    head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
-    rows = []
-    for row in table["rows"]:
-        cells = []
-        for task in tasks:
-            value = row["scores"].get(task)
-            spread = row.get("spread", {}).get(task, 0.0)
-            text = "–" if value is None else f"{100 * value:.1f}" + (f" ± {100 * spread:.1f}" if spread else "")
-            cells.append(f"<td>{text}</td>")
-        average = "–" if row.get("average") is None else f"{100 * row['average']:.1f}"
-        gain = f"{100 * row['gain_recovered']:.0f} %" if "gain_recovered" in row else ""
-        rows.append(f"<tr><td>{html.escape(row['name'])}</td>{''.join(cells)}<td>{average}</td><td>{gain}</td></tr>")
-    return (f"<table><tr><th>row</th>{head}<th>average</th><th>gain recovered</th></tr>{''.join(rows)}</table>"
-            f"<p>Metric: {html.escape(str(table.get('metric', 'acc')))} (%); seeds {table.get('seeds')}.</p>")
-
-
 def _plan_summary(path: Path) -> str:
     try:
         plan = LayerPlan.load(path)  # checked: a broken plan is one line, not a traceback
@@ -99,7 +82,7 @@ def build_report(run_dir: str | Path) -> str:
     if (root / "table.json").exists():
         table = read_json(root / "table.json", "offsite table")
         try:
-            body.append("<h2>Offsite-tuning table</h2>" + _table_html(table))
+            body.append("<h2>Offsite-tuning table</h2>" + table_html(table))
         except (KeyError, TypeError, ValueError) as exc:
             raise UsageError(f"{root / 'table.json'} is not a crashlm offsite table ({exc!r})") from exc
         if (root / "table.png").exists():

@@ -257,7 +257,7 @@ def use_bf16(requested: bool, device: torch.device) -> bool:
     CPUs without AVX512-BF16 or AMX (AVX2-only hosts) emulate bf16 matmuls, measured 5-80x
     slower than fp32 on such a host (EPYC, torch 2.13): there training runs in fp32 instead.
     """
-    from crashlm.evaluation.harness import native_bf16
+    from crashlm.core.models import native_bf16
 
     return requested and native_bf16(device)
 
