@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2 --durations=15
 DEMO_DIR ?= runs/demo
 
-.PHONY: install assets browser test test-fast demo bench-quick clean
+.PHONY: install assets browser lint test test-fast demo bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,13 @@ browser:
 		|| echo "could not install chromium: the report rendering test will be skipped"; \
 	else echo "chromium not installed (needs root): the report rendering test will be skipped"; fi
 
-test: assets browser
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+test: assets browser lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: lint
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 # The paper's table on the embedded model for three tasks at a small budget: 11 minutes on an

@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from crashlm.analysis.landscape import Subspace, grid_axis
+from crashlm.analysis.subspace import Subspace, grid_axis
 from crashlm.core.models import get_layers, load_model, load_tokenizer, resolve_model
 from crashlm.core.scoring import mean_answer_loss
 from crashlm.core.tasks import load_examples

@@ -2,8 +2,8 @@
 
 Every configuration trains on the same synthetic batch (B rows of T tokens, the last A of them
 the answer) with the training loop's step: answer-token loss
-(:func:`crashlm.training.loop.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
-``crashlm train`` picks (:func:`crashlm.training.loop.use_bf16`: bf16 autocast where the device computes
+(:func:`crashlm.training.task.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
+``crashlm train`` picks (:func:`crashlm.training.runtime.use_bf16`: bf16 autocast where the device computes
 bf16 natively, fp32 elsewhere). Each runs in a fresh worker process, so its peak memory is its own:
 
 * CPU: peak RSS growth over the worker's RSS after imports (sampled every 20 ms), i.e. weights +
@@ -80,27 +80,25 @@ def load(model: str, random_init: bool, dtype=torch.float32):
 
 
 def make_plans(model, args) -> tuple[dict, str]:
-    """uniform and crash plans (crash-share uses crash's); CKA of the real model except with
-    --random-init (no trained weights or data) or --quick (saves a model load and a pass)."""
+    """uniform and crash plans (crash-share uses crash's); CKA of the real model on piqa's train
+    split except with --random-init (no trained weights or data) or --quick (saves a model load
+    and a pass)."""
     from crashlm.core.models import num_layers
-    from crashlm.emulators.emulator import make_plan
-    from crashlm.emulators.plans import crash_plan, default_k
+    from crashlm.core.tasks import ANALYSIS_SPLIT
+    from crashlm.emulators.strategies import plan_for
 
-    plans = {"uniform": make_plan(model, "uniform", model_name=args.model)}
+    plans = {"uniform": plan_for(model, "uniform", model_name=args.model)}
     if args.random_init or args.quick:
         # A synthetic profile: the plan's shape (K kept, 4 trainable, sharing), not its exact
         # layers, decides speed and memory.
         depth = num_layers(model)
         adjacent = [0.9 - 0.4 * ((7 * i) % depth) / depth for i in range(depth - 1)]
-        plans["crash"] = crash_plan(adjacent, default_k(depth), base_fingerprint=plans["uniform"].base_fingerprint,
-                                    model=args.model)
+        plans["crash"] = plan_for(model, "crash", similarity=adjacent, model_name=args.model)
         source = "a synthetic adjacent-similarity profile (--random-init / --quick)"
     else:
-        from crashlm.analysis.similarity import compute_similarity
-
-        similarity = compute_similarity(args.model, task="piqa", samples=args.similarity_samples, batch_size=8)
-        plans["crash"] = make_plan(model, "crash", similarity=similarity, model_name=args.model)
-        source = f"linear CKA of {args.model} on {args.similarity_samples} piqa validation examples"
+        plans["crash"] = plan_for(model, "crash", model_name=args.model, task="piqa", samples=args.similarity_samples,
+                                  batch_size=8)
+        source = f"linear CKA of {args.model} on {args.similarity_samples} piqa {ANALYSIS_SPLIT} examples"
     plans["crash-share"] = plans["crash"]
     return {name: plan.to_dict() for name, plan in plans.items()}, source
 
@@ -190,9 +188,11 @@ def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> di
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
     from crashlm.core.models import get_layers
-    from crashlm.emulators.emulator import build_emulator, strategy_shares
+    from crashlm.emulators.emulator import build_emulator
     from crashlm.emulators.plans import LayerPlan
-    from crashlm.training.loop import batch_answer_loss, use_bf16
+    from crashlm.emulators.strategies import get_strategy
+    from crashlm.training.runtime import use_bf16
+    from crashlm.training.task import batch_answer_loss
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)
@@ -203,7 +203,7 @@ def worker(args) -> dict:
         params = list(model.parameters())
     else:
         plan = LayerPlan.from_dict(json.loads(Path(args.plans).read_text())[args.worker])
-        emulator = build_emulator(model, None, plan, sharing=strategy_shares(args.worker))
+        emulator = build_emulator(model, None, get_strategy(args.worker).spec(plan))
         params = emulator.trainable_parameters()
     model.to(device).train()
     if device.type == "cuda":
@@ -289,7 +289,7 @@ def main(argv=None) -> None:
         print(json.dumps(worker(args)))
         return
     started = time.perf_counter()
-    from crashlm.training.loop import use_bf16
+    from crashlm.training.runtime import use_bf16
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)

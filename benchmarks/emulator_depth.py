@@ -26,8 +26,9 @@ from crashlm.analysis.similarity import SimilarityResult
 from crashlm.core.models import get_layers, load_model, set_layers
 from crashlm.core.scoring import mean_answer_loss
 from crashlm.core.tasks import load_examples
-from crashlm.emulators.emulator import build_emulator, make_plan
+from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.plans import DEFAULT_TRAINABLE
+from crashlm.emulators.strategies import get_strategy, plan_for
 
 STRATEGIES = ("uniform", "crash", "crash-share")
 
@@ -74,9 +75,8 @@ def main() -> None:
     for k in ks:
         for strategy in STRATEGIES:
             model, tokenizer = load_model(args.model, dtype=torch.float32)  # build_emulator consumes the model
-            plan = make_plan(model, strategy, k, DEFAULT_TRAINABLE, None if strategy == "uniform" else similarity,
-                             model_name=args.model)
-            emulator = build_emulator(model, tokenizer, plan, sharing=strategy == "crash-share")
+            plan = plan_for(model, strategy, k, DEFAULT_TRAINABLE, similarity, model_name=args.model)
+            emulator = build_emulator(model, tokenizer, get_strategy(strategy).spec(plan))
             rows[strategy][k] = loss(emulator.model, tokenizer)
             removed[strategy][k] = sorted(set(range(depth)) - set(plan.kept))
         print(f"| {k} | " + " | ".join(f"{rows[s][k]:.3f}" for s in STRATEGIES) + " |", flush=True)

@@ -19,8 +19,9 @@ from crashlm.analysis.divergence import (
 from crashlm.analysis.lens import emulator_depth, lens_statistics
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint
-from crashlm.emulators.emulator import build_emulator, save_bundle
-from crashlm.emulators.plans import LayerPlan, uniform_plan
+from crashlm.emulators.bundle import save_bundle
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.plans import EmulatorSpec, LayerPlan, uniform_plan
 from tests.cli import run_cli
 from tests.tiny import tiny_model
 
@@ -175,7 +176,7 @@ def test_kl_to_the_output_agrees_with_the_lens_statistics():
 def test_divergence_of_an_emulator_records_its_depth():
     model, tokenizer = tiny_model("llama", initializer_range=0.2)
     plan = uniform_plan(6, k=4, trainable=2, base_fingerprint=fingerprint(model))
-    emulator = build_emulator(model, tokenizer, plan)
+    emulator = build_emulator(model, tokenizer, EmulatorSpec(plan))
     result = compute_divergence(emulator.model, tokenizer, TEXTS[:1], depth=emulator_depth(emulator))
     assert result.num_layers == 4 and result.depth == [0, *(s + 1 for s in plan.kept)]
 
@@ -237,7 +238,7 @@ def test_cli_divergence_of_a_model_and_of_an_emulator(tiny_llama_dir, text_file,
 
     model, tokenizer = tiny_model("llama")  # the weights of tiny_llama_dir
     plan = uniform_plan(6, k=4, trainable=2, base_fingerprint=fingerprint(model))
-    save_bundle(build_emulator(model, tokenizer, plan), tmp_path / "emu")
+    save_bundle(build_emulator(model, tokenizer, EmulatorSpec(plan)), tmp_path / "emu")
     code, _, err = run_cli(["divergence", "--emulator", str(tmp_path / "emu"), "--text", str(text_file),
                             "--out", str(tmp_path / "div-emu")], capsys)
     assert code == 0, err

@@ -23,33 +23,33 @@ from crashlm.analysis.similarity import SimilarityResult
 from crashlm.core import assets
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint, get_layers, load_model
-from crashlm.emulators.emulator import (
+from crashlm.emulators.bundle import (
     BASE_WEIGHTS,
-    HF_WEIGHTS,
     LAYER_WEIGHTS,
     MANIFEST,
-    build_emulator,
     is_bundle,
     leaked_tensors,
     load_emulator,
-    make_plan,
+    read_manifest,
     save_bundle,
-    strategy_shares,
 )
-from crashlm.emulators.plans import LayerPlan
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing, SlotKind
 from crashlm.emulators.plugin import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
     PLUGIN_META,
     apply_adapter,
     load_adapter,
-    load_target,
     save_adapter,
 )
+from crashlm.emulators.strategies import get_strategy, plan_for, strategy_name
+from crashlm.emulators.targets import resolve_target
 from tests.cli import run_cli
 from tests.tiny import batch, tiny_model
 
 L, K, TRAINABLE = 8, 5, 2
+HF_WEIGHTS = "model.safetensors"  # what save_pretrained writes: a bundle without sharing
 ARCHS = ["llama", "gpt2", "opt", "gemma3_text", "gpt_neox"]
 # (strategy, share_trainable): every slot layout, the tied one included.
 LAYOUTS = [("uniform", False), ("crash", False), ("crash-share", False), ("crash-share", True)]
@@ -88,8 +88,9 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 def emulator_of(arch: str, strategy: str, share_trainable: bool = False, tied: bool = False):
     model, tokenizer = full_model(arch, tied)
-    plan = make_plan(model, strategy, K, TRAINABLE, synthetic_similarity(L), model_name="tiny")
-    return build_emulator(model, tokenizer, plan, strategy_shares(strategy), share_trainable)
+    plan = plan_for(model, strategy, K, TRAINABLE, synthetic_similarity(L), model_name="tiny")
+    sharing = Sharing.TIED if share_trainable else get_strategy(strategy).sharing
+    return build_emulator(model, tokenizer, EmulatorSpec(plan, sharing))
 
 
 def assert_stack_follows_plan(emulator, full) -> None:
@@ -103,7 +104,7 @@ def assert_stack_follows_plan(emulator, full) -> None:
             assert torch.equal(tensor, original[slot.source].state_dict()[name]), (slot, name)
     for a in slots:
         for b in slots:
-            assert (layers[a.position] is layers[b.position]) == (a.module == b.module)
+            assert (layers[a.position] is layers[b.position]) == (a.key == b.key)
     adapter = {id(p) for layer in emulator.adapter_layers().values() for p in layer.parameters()}
     assert {id(p) for p in emulator.model.parameters() if p.requires_grad} == adapter
     assert {id(p) for p in emulator.trainable_parameters()} == adapter
@@ -128,7 +129,8 @@ def test_sharing_fills_each_removed_position_with_the_nearest_kept_layer(share_t
     # Kept 1, 4, 6; 1 and 6 train. Position 5 is a tie between 4 and 6: the higher (6) wins.
     full, tokenizer = full_model("llama")
     plan = LayerPlan(L, "custom", kept=[1, 4, 6], trainable=[1, 6], base_fingerprint=fingerprint(full))
-    emulator = build_emulator(full_model("llama")[0], tokenizer, plan, sharing=True, share_trainable=share_trainable)
+    sharing = Sharing.TIED if share_trainable else Sharing.COPIES
+    emulator = build_emulator(full_model("llama")[0], tokenizer, EmulatorSpec(plan, sharing))
     layers, original = get_layers(emulator.model), get_layers(full)
     sources = [1, 1, 1, 4, 4, 6, 6, 6]
     for position, source in enumerate(sources):
@@ -146,12 +148,11 @@ def test_sharing_fills_each_removed_position_with_the_nearest_kept_layer(share_t
 
 def test_copies_are_frozen_clones_and_training_an_adapter_leaves_them_alone():
     emulator = emulator_of("llama", "crash-share")
-    copies = {s.module for s in emulator.slots if s.module.startswith("copy.")}
-    assert copies
-    modules = emulator.modules_by_key()
-    for key in copies:
-        source = int(key.split(".")[1])
-        adapter, clone = modules[f"adapter.{source}"], modules[key]
+    copies = emulator.layers(SlotKind.COPY)
+    assert copies and set(emulator.modules_by_key()) >= {f"copy.{source}" for source in copies}
+    for source, clone in copies.items():
+        adapter = emulator.adapter_layers()[source]
+        assert clone not in emulator.adapter_layers().values() and clone in emulator.frozen_modules()
         assert not any(p.requires_grad for p in clone.parameters())
         before = {n: t.clone() for n, t in clone.state_dict().items()}
         with torch.no_grad():
@@ -160,24 +161,24 @@ def test_copies_are_frozen_clones_and_training_an_adapter_leaves_them_alone():
         assert all(torch.equal(t, before[n]) for n, t in clone.state_dict().items())
 
 
-def test_make_plan_checks_k_before_anything_and_stamps_the_model():
+def test_plan_for_checks_k_before_anything_and_stamps_the_model():
     model, _ = full_model("llama")
     with pytest.raises(UsageError, match="out of range"):
-        make_plan(model, "crash", k=L, trainable=TRAINABLE)  # no similarity needed to fail
+        plan_for(model, "crash", k=L, trainable=TRAINABLE)  # no similarity needed to fail
     with pytest.raises(UsageError, match="unknown emulator strategy"):
-        make_plan(model, "random")
-    plan = make_plan(model, "uniform", k=K, trainable=TRAINABLE, model_name="tiny")
+        plan_for(model, "random")
+    plan = plan_for(model, "uniform", k=K, trainable=TRAINABLE, model_name="tiny")
     assert plan.base_fingerprint == fingerprint(model) and plan.model == "tiny" and plan.k == K
     with pytest.raises(UsageError, match="6 layers"):
-        make_plan(model, "crash", k=K, similarity=synthetic_similarity(6))
+        plan_for(model, "crash", k=K, similarity=synthetic_similarity(6))
 
 
 def test_a_plan_for_another_model_is_refused():
     model, tokenizer = full_model("llama")
     other, _ = full_model("gpt2")
-    plan = make_plan(other, "uniform", K, TRAINABLE)
+    plan = plan_for(other, "uniform", K, TRAINABLE)
     with pytest.raises(UsageError, match="another base model"):
-        build_emulator(model, tokenizer, plan)
+        build_emulator(model, tokenizer, EmulatorSpec(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +193,13 @@ def test_emulator_follows_the_plan_and_its_bundle_round_trips_without_removed_la
     emulator = emulator_of(arch, strategy, share_trainable)
     full, tokenizer = full_model(arch)
     assert_stack_follows_plan(emulator, full)
-    kinds = {slot.module.split(".")[0] for slot in emulator.slots}
+    kinds = {slot.kind for slot in emulator.slots}
+    held = {SlotKind.ADAPTER, SlotKind.FROZEN}
     if strategy == "crash-share":
         assert len(emulator.slots) == L and emulator.model.config.use_cache is False
-        assert kinds == ({"adapter", "frozen"} if share_trainable else {"adapter", "frozen", "copy"})
+        assert kinds == (held if share_trainable else held | {SlotKind.COPY})
     else:
-        assert [s.source for s in emulator.slots] == emulator.plan.kept and kinds == {"adapter", "frozen"}
+        assert [s.source for s in emulator.slots] == emulator.plan.kept and kinds == held
     assert emulator.strategy == strategy
     expected = logits(emulator.model, tokenizer)
     assert expected.shape[-1] == full.config.vocab_size and torch.isfinite(expected).all()
@@ -215,8 +217,8 @@ def test_emulator_follows_the_plan_and_its_bundle_round_trips_without_removed_la
     assert leaked_tensors(bundle, full, layers=emulator.plan.kept)
 
     manifest = json.loads((bundle / MANIFEST).read_text())
-    assert manifest["strategy"] == strategy and manifest["plan"] == emulator.plan.to_dict()
-    if strategy_shares(strategy):
+    assert strategy_name(read_manifest(bundle).spec) == strategy and manifest["spec"] == emulator.spec.to_dict()
+    if get_strategy(strategy).shares:
         assert set(manifest["sha256"]) == {LAYER_WEIGHTS, BASE_WEIGHTS}
         stored = {".".join(name.split(".")[1:3]) for name in load_file(bundle / LAYER_WEIGHTS)}
         assert stored == set(loaded.modules_by_key())  # each unique module once
@@ -239,8 +241,8 @@ def test_tied_embeddings_are_stored_once_and_tied_again(tmp_path):
 def test_leak_check_compares_a_bfloat16_bundle_with_the_float32_model(tmp_path):
     """A bf16 copy of a layer is that layer: the check casts the model's tensors to the bundle's dtype."""
     full, tokenizer = full_model("gpt2")
-    plan = make_plan(full, "crash", K, TRAINABLE, synthetic_similarity(L))
-    emulator = build_emulator(full_model("gpt2")[0].to(torch.bfloat16), tokenizer, plan, sharing=True)
+    plan = plan_for(full, "crash", K, TRAINABLE, synthetic_similarity(L))
+    emulator = build_emulator(full_model("gpt2")[0].to(torch.bfloat16), tokenizer, EmulatorSpec(plan, Sharing.COPIES))
     bundle = save_bundle(emulator, tmp_path / "bundle")
     assert {t.dtype for t in load_file(bundle / LAYER_WEIGHTS).values()} == {torch.bfloat16}
     assert leaked_tensors(bundle, full) == []
@@ -252,7 +254,7 @@ def test_leak_check_compares_a_bfloat16_bundle_with_the_float32_model(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_a_damaged_tensor_file_is_refused_in_one_line(strategy, damage, tmp_path):
     bundle = save_bundle(emulator_of("llama", strategy), tmp_path / "bundle")
-    target = bundle / (LAYER_WEIGHTS if strategy_shares(strategy) else HF_WEIGHTS)
+    target = bundle / (LAYER_WEIGHTS if get_strategy(strategy).shares else HF_WEIGHTS)
     data = bytearray(target.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -287,6 +289,35 @@ def test_bundle_with_missing_tensor_file_is_refused(tmp_path):
     bundle = save_bundle(emulator_of("gpt2", "crash-share"), tmp_path / "bundle")
     (bundle / BASE_WEIGHTS).unlink()
     with pytest.raises(UsageError, match="missing"):
+        load_emulator(bundle)
+
+
+def as_version_1(bundle, spec: EmulatorSpec) -> None:
+    """Rewrite a bundle's manifest as crashlm wrote it before specs: strategy, flags, slots and layout too."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    del manifest["spec"]
+    manifest.update(version=1, layout="deduplicated" if spec.shares else "transformers", strategy=strategy_name(spec),
+                    plan=spec.plan.to_dict(), sharing=spec.shares, share_trainable=spec.sharing is Sharing.TIED,
+                    slots=[{"position": s.position, "source": s.source, "module": s.key} for s in spec.slots])
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("strategy, share_trainable", LAYOUTS)
+def test_the_manifest_states_each_fact_once_and_a_version_1_bundle_still_loads(strategy, share_trainable, tmp_path):
+    emulator = emulator_of("llama", strategy, share_trainable)
+    bundle = save_bundle(emulator, tmp_path / "bundle")
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    assert set(manifest) == {"format", "version", "spec", "base_fingerprint", "summary", "crashlm_version",
+                             "transformers_version", "torch_version", "sha256"}
+    assert manifest["version"] == 2 and manifest["spec"]["sharing"] == emulator.sharing.value
+
+    as_version_1(bundle, emulator.spec)
+    loaded = load_emulator(bundle)
+    assert loaded.spec == emulator.spec and loaded.strategy == strategy
+    assert torch.equal(logits(loaded.model, loaded.tokenizer), logits(emulator.model, emulator.tokenizer))
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    (bundle / MANIFEST).write_text(json.dumps({**manifest, "slots": manifest["slots"][::-1]}))
+    with pytest.raises(UsageError, match="do not follow from the bundle's plan"):
         load_emulator(bundle)
 
 
@@ -345,8 +376,8 @@ def test_adapter_for_another_base_or_with_wrong_shapes_is_refused_in_one_line(tm
     with pytest.raises(UsageError, match="adapter was made for another base model") as error:
         apply_adapter(other, adapter)
     assert_one_line(error)
-    other_emulator = build_emulator(other, emulator.tokenizer, LayerPlan.from_dict(
-        {**emulator.plan.to_dict(), "base_fingerprint": fingerprint(other)}))
+    other_emulator = build_emulator(other, emulator.tokenizer, EmulatorSpec(LayerPlan.from_dict(
+        {**emulator.plan.to_dict(), "base_fingerprint": fingerprint(other)})))
     with pytest.raises(UsageError, match="another base model"):
         apply_adapter(other_emulator, adapter)
 
@@ -397,7 +428,7 @@ def test_bad_adapter_directories_are_usage_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_target and the CLI (tiny_llama_dir: 6 layers)
+# resolve_target and the CLI (tiny_llama_dir: 6 layers)
 
 CLI_K = "4"
 
@@ -419,7 +450,7 @@ def save_tiny_other(path):
     return path
 
 
-def test_cli_emulator_then_plugin_and_load_target(plus_dir, tmp_path, capsys):
+def test_cli_emulator_then_plugin_and_resolve_target(plus_dir, tmp_path, capsys):
     bundle = tmp_path / "emulator"
     code, stdout, stderr = run_cli(["emulator", "--model", str(plus_dir), "--strategy", "crash-share", "--k", CLI_K,
                                     "--trainable", str(TRAINABLE), "--samples", "8", "--out", str(bundle)], capsys)
@@ -442,19 +473,24 @@ def test_cli_emulator_then_plugin_and_load_target(plus_dir, tmp_path, capsys):
     assert json.loads((plugged / PLUGIN_META).read_text())["sources"] == emulator.plan.trainable
 
     reference, _ = load_model(str(plugged))
-    inline, _, description = load_target(model=f"{plus_dir}+{adapter}")
+    target = resolve_target(model=f"{plus_dir}+{adapter}")
+    inline, description = target.model, target.description
     assert description["kind"] == "model" and description["adapter"] == str(adapter)
+    assert target.emulator is None and target.base_fingerprint == fingerprint(full)
+    assert target.name == f"{plus_dir}+{adapter}" == description["name"]
     assert torch.equal(logits(inline, tokenizer), logits(reference, tokenizer))
     assert not torch.equal(logits(full, tokenizer), logits(reference, tokenizer))  # '+' in a path, no adapter
 
-    on_emulator, _, description = load_target(model=f"{bundle}+{adapter}")
+    target = resolve_target(model=f"{bundle}+{adapter}")
+    on_emulator, description = target.model, target.description
     assert description["kind"] == "emulator" and description["positions"] == depth
-    assert description["strategy"] == "crash-share"
+    assert description["strategy"] == "crash-share" and description["sharing"] is True
+    assert target.emulator.model is on_emulator and target.base_fingerprint == fingerprint(full)
     assert torch.equal(logits(on_emulator, tokenizer), logits(emulator.model, tokenizer))
     with pytest.raises(UsageError, match="two adapters"):
-        load_target(model=f"{plus_dir}+{adapter}", adapter=str(adapter))
+        resolve_target(model=f"{plus_dir}+{adapter}", adapter=str(adapter))
     with pytest.raises(UsageError, match="not both"):
-        load_target(model=str(plus_dir), emulator=str(bundle))
+        resolve_target(model=str(plus_dir), emulator=str(bundle))
 
     # The same adapter offered to another base model: refused, nothing written.
     other = save_tiny_other(tmp_path / "other")
@@ -478,13 +514,13 @@ def test_cli_uniform_emulator_is_a_plain_transformers_model(plus_dir, tmp_path, 
 
 def test_cli_emulator_from_a_plan_with_tied_trainable_neighbours(plus_dir, tmp_path, capsys):
     full, _ = load_model(str(plus_dir))
-    plan_file = make_plan(full, "crash", int(CLI_K), TRAINABLE, synthetic_similarity(6)).save(tmp_path / "plan.json")
+    plan_file = plan_for(full, "crash", int(CLI_K), TRAINABLE, synthetic_similarity(6)).save(tmp_path / "plan.json")
     bundle = tmp_path / "emulator"
     code, _, stderr = run_cli(["emulator", "--model", str(plus_dir), "--plan", str(plan_file), "--strategy",
                                "crash-share", "--share-trainable", "--out", str(bundle)], capsys)
     assert code == 0, stderr
     emulator = load_emulator(bundle)
-    assert emulator.share_trainable and emulator.plan.kept == LayerPlan.load(plan_file).kept
+    assert emulator.sharing is Sharing.TIED and emulator.plan.kept == LayerPlan.load(plan_file).kept
     assert len(emulator.slots) == 6 and len(emulator.modules_by_key()) == int(CLI_K)
     assert leaked_tensors(bundle, full) == []
 
@@ -534,10 +570,11 @@ def test_crash_share_emulator_of_the_real_model(tmp_path, capsys):
                                     "--similarity", str(tmp_path / "similarity"), "--out", str(bundle)], capsys)
     assert code == 0, stderr
     manifest = json.loads((bundle / MANIFEST).read_text())
-    plan = LayerPlan.from_dict(manifest["plan"])
+    spec = read_manifest(bundle).spec
+    plan = LayerPlan.from_dict(manifest["spec"]["plan"])
     assert plan.k == 12 and len(plan.trainable) == 4 and plan.similarity["samples"] == 8
-    assert len(manifest["slots"]) == 30 == plan.num_layers
-    copies = {s["module"] for s in manifest["slots"] if s["module"].startswith("copy.")}
+    assert len(spec.slots) == 30 == plan.num_layers
+    copies = {s.key for s in spec.slots if s.kind is SlotKind.COPY}
     assert manifest["summary"]["unique_layers"] == 12 + len(copies)
 
     full, tokenizer = load_model("smollm2-135m")
@@ -547,5 +584,5 @@ def test_crash_share_emulator_of_the_real_model(tmp_path, capsys):
     assert tensor_bytes(bundle) < 0.7 * tensor_bytes(assets.model_dir("smollm2-135m"))
 
     loaded = load_emulator(bundle)
-    rebuilt = build_emulator(full, tokenizer, plan, sharing=True)
+    rebuilt = build_emulator(full, tokenizer, EmulatorSpec(plan, Sharing.COPIES))
     assert torch.equal(logits(loaded.model, tokenizer), logits(rebuilt.model, tokenizer))

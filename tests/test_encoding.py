@@ -24,7 +24,9 @@ from crashlm.core.scoring import (
 )
 from crashlm.core.tasks import Example
 from crashlm.evaluation.lm import CrashlmLM, model_max_length
-from crashlm.training.loop import TrainConfig, split_examples, train_full
+from crashlm.training.config import TrainConfig
+from crashlm.training.data import split_examples
+from crashlm.training.full import train_full
 from tests.tiny import TINY_LAYOUTS, tiny_model, tiny_tokenizer
 
 REQUESTS = [

@@ -28,18 +28,12 @@ from crashlm.cli import main
 from crashlm.core.errors import UsageError
 from crashlm.core.io import sha256_file, write_json
 from crashlm.core.models import load_model
-from crashlm.emulators.emulator import (
-    build_emulator,
-    load_emulator,
-    make_plan,
-    save_bundle,
-)
-from crashlm.emulators.plugin import (
-    ADAPTER_META,
-    ADAPTER_WEIGHTS,
-    load_target,
-    save_adapter,
-)
+from crashlm.emulators.bundle import load_emulator, save_bundle
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.plans import EmulatorSpec
+from crashlm.emulators.plugin import ADAPTER_META, ADAPTER_WEIGHTS, save_adapter
+from crashlm.emulators.strategies import plan_for
+from crashlm.emulators.targets import resolve_target
 from tests.cli import run_cli
 from tests.tiny import CORPUS, save_tiny
 
@@ -112,13 +106,13 @@ def assets(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     paths["other"] = save_tiny("llama", root / "other", num_layers=L, intermediate_size=48)
     paths["deep"] = save_tiny("llama", root / "deep", num_layers=8)
     model, tokenizer = load_model(str(tiny_llama_dir))
-    plan = make_plan(model, "uniform", k=3, trainable=2, model_name=str(tiny_llama_dir))
+    plan = plan_for(model, "uniform", k=3, trainable=2, model_name=str(tiny_llama_dir))
     paths["plan"] = plan.save(root / "plan" / "plan.json")
-    emulator = build_emulator(model, tokenizer, plan)
+    emulator = build_emulator(model, tokenizer, EmulatorSpec(plan))
     paths["adapter"] = save_adapter(emulator.adapter_layers(), root / "adapter", emulator.base_fingerprint, plan)
     paths["bundle"] = save_bundle(emulator, root / "bundle")
     deep, _ = load_model(str(paths["deep"]))
-    paths["deep_plan"] = make_plan(deep, "uniform", k=4, trainable=2).save(root / "deep_plan.json")
+    paths["deep_plan"] = plan_for(deep, "uniform", k=4, trainable=2).save(root / "deep_plan.json")
     paths["similarity"] = synthetic_similarity().save(root / "similarity")
     paths["deep_similarity"] = synthetic_similarity(8).save(root / "deep_similarity")
     paths["text"] = root / "text.txt"
@@ -267,7 +261,7 @@ def test_corrupted_adapter(how, message, assets, tmp_path, capsys):
 def test_corrupted_bundle(how, assets, tmp_path):
     bundle = copy_tree(assets["bundle"], tmp_path / "bundle")
     _corrupt(bundle / "model.safetensors", how, bundle / "crashlm.json")
-    for load in (lambda: load_emulator(bundle), lambda: load_target(model=str(bundle))):
+    for load in (lambda: load_emulator(bundle), lambda: resolve_target(model=str(bundle))):
         with pytest.raises(UsageError) as error:
             load()
         message = str(error.value)
@@ -596,10 +590,10 @@ def test_fetch_without_the_package_index_is_a_run_failure(tmp_path, capsys, monk
     (["--k", "2", "--trainable", "3"], "K=2 is out of range"),
     (["--trainable", "4"], "K=3 is out of range"),  # the default K (half the layers) is too small
     (["--eval-split", "dev"], "task piqa has no 'dev' split"),
-    (["--eval-limit", "0"], "eval-limit must be positive"),
-    (["--eval-every", "0"], "eval-every must be positive"),
-    (["--train-samples", "-1"], "train-samples must be positive"),
-    (["--batch-size", "0"], "batch-size must be positive"),
+    (["--eval-limit", "0"], "--eval-limit must be a positive integer"),
+    (["--eval-every", "0"], "--eval-every must be a positive integer"),
+    (["--train-samples", "-1"], "--train-samples must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--model", "MISSING"], "model path not found"),
     (["--model", "T5"], "unsupported architecture 't5'"),
 ])
@@ -663,7 +657,7 @@ def test_no_pickle_or_torch_load_in_the_package():
 # Direct writes that are safe by design, with the reason.
 APPEND_ONLY = {
     # The landscape's point log is a journal: one flushed row per point; a torn last row is dropped on read.
-    ("analysis/landscape.py", 'open(self.path, "a"'),
+    ("analysis/subspace.py", 'open(self.path, "a"'),
 }
 
 

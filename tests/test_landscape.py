@@ -18,19 +18,17 @@ from crashlm.analysis.landscape import (
     RESULT_FILE,
     Landscape1DConfig,
     Landscape2DConfig,
-    PointLog,
-    Subspace,
-    grid_axis,
     landscape_1d,
     landscape_2d,
-    sweep,
 )
+from crashlm.analysis.subspace import PointLog, Subspace, grid_axis, sweep
 from crashlm.cli import main
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint, get_layers, load_model
 from crashlm.core.scoring import mean_answer_loss
 from crashlm.core.tasks import load_examples
 from crashlm.emulators.plugin import save_adapter
+from crashlm.emulators.targets import resolve_target
 from tests.tiny import save_tiny, tiny_model
 
 TASK, LIMIT = "piqa", 4
@@ -192,9 +190,18 @@ def test_point_log_round_trips_and_drops_a_torn_row(tmp_path):
 # --- landscapes of saved models ---------------------------------------------------------------
 
 
+def on_models(landscape, config, out, **kwargs):
+    """``landscape`` of the models ``config`` names, loaded as the command line loads them."""
+    (_, origin), *others = config.models.items()
+    first = resolve_target(model=origin, device="cpu")
+    ends = (resolve_target(model=spec, device="cpu").model for _, spec in others)
+    return landscape(config, first.model, first.tokenizer, ends, out, **kwargs)
+
+
+
 def test_1d_end_points_equal_direct_evaluation(dirs, direct, tmp_path):
     config = Landscape1DConfig(a=dirs["a"], b=dirs["b"], task=TASK, points=4, limit=LIMIT)
-    result = landscape_1d(config, tmp_path / "run", device="cpu")
+    result = on_models(landscape_1d, config, tmp_path / "run")
     assert result.alphas == [0.0, 1 / 3, 2 / 3, 1.0]
     assert result.losses[0] == pytest.approx(direct["a"], abs=1e-6)
     assert result.losses[-1] == pytest.approx(direct["b"], abs=1e-6)
@@ -206,14 +213,14 @@ def test_1d_end_points_equal_direct_evaluation(dirs, direct, tmp_path):
 
 def test_model_plus_adapter_spec(dirs, direct, tmp_path):
     spec = f"{dirs['a']}+{dirs['adapter']}"
-    result = landscape_1d(Landscape1DConfig(a=dirs["a"], b=spec, task=TASK, points=2, limit=LIMIT), tmp_path, device="cpu")
+    result = on_models(landscape_1d, Landscape1DConfig(a=dirs["a"], b=spec, task=TASK, points=2, limit=LIMIT), tmp_path)
     assert result.losses == pytest.approx([direct["a"], direct["d"]], abs=1e-6)
     assert result.anchor("b").label == "a+adapter"
 
 
 def test_2d_anchor_points_equal_direct_evaluation(dirs, direct, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=4, axis_range=(-1, 2), limit=LIMIT)
-    result = landscape_2d(config, tmp_path, device="cpu")
+    result = on_models(landscape_2d, config, tmp_path)
     assert Landscape2DConfig.from_dict(json.loads((tmp_path / CONFIG_FILE).read_text())["config"]) == config
     assert result.xs == result.ys == [-1.0, 0.0, 1.0, 2.0]
     grid = {(x, y): result.losses[j][i] for j, y in enumerate(result.ys) for i, x in enumerate(result.xs)}
@@ -226,7 +233,7 @@ def test_2d_anchor_points_equal_direct_evaluation(dirs, direct, tmp_path):
 
 def test_2d_anchors_off_the_grid_are_evaluated_too(dirs, direct, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=2, axis_range=(-0.5, 0.5), limit=LIMIT)
-    result = landscape_2d(config, tmp_path, device="cpu")
+    result = on_models(landscape_2d, config, tmp_path)
     on_grid = {a.role: a.on_grid for a in result.anchors}
     assert on_grid == {"origin": False, "x": False, "y": False}
     assert [a.loss for a in result.anchors] == pytest.approx([direct["a"], direct["b"], direct["c"]], abs=1e-6)
@@ -234,7 +241,7 @@ def test_2d_anchors_off_the_grid_are_evaluated_too(dirs, direct, tmp_path):
 
 def test_interrupted_2d_run_resumes_without_recomputing(dirs, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=3, axis_range=(0, 1), limit=LIMIT)
-    reference = landscape_2d(config, tmp_path / "reference", device="cpu")
+    reference = on_models(landscape_2d, config, tmp_path / "reference")
 
     done = []
 
@@ -245,30 +252,30 @@ def test_interrupted_2d_run_resumes_without_recomputing(dirs, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        landscape_2d(config, run, device="cpu", on_point=killed_after_four)
+        on_models(landscape_2d, config, run, on_point=killed_after_four)
     assert not (run / RESULT_FILE).exists() and (run / CONFIG_FILE).exists()
     assert set(PointLog(run / POINTS_FILE, ("x", "y")).read()) == set(done)
     with open(run / POINTS_FILE, "a", encoding="utf-8") as fh:
         fh.write("1.0,1.0,0.")  # and a row torn by the kill
 
     redone = []
-    resumed = landscape_2d(config, run, device="cpu", on_point=lambda coords, loss: redone.append(coords))
+    resumed = on_models(landscape_2d, config, run, on_point=lambda coords, loss: redone.append(coords))
     assert len(redone) == 9 - 4 and not set(redone) & set(done)
     assert resumed.losses == reference.losses
     again = []
-    landscape_2d(config, run, device="cpu", on_point=lambda coords, loss: again.append(coords))
+    on_models(landscape_2d, config, run, on_point=lambda coords, loss: again.append(coords))
     assert again == []  # a finished run computes nothing
 
 
 def test_out_dir_of_another_landscape_or_not_ours_is_refused(dirs, tmp_path):
     config = Landscape1DConfig(a=dirs["a"], b=dirs["c"], task=TASK, points=2, limit=LIMIT)
-    landscape_1d(config, tmp_path / "run", device="cpu")
+    on_models(landscape_1d, config, tmp_path / "run")
     with pytest.raises(UsageError, match="another config"):
-        landscape_1d(Landscape1DConfig(a=dirs["a"], b=dirs["c"], task=TASK, points=3, limit=LIMIT), tmp_path / "run")
+        on_models(landscape_1d, Landscape1DConfig(a=dirs["a"], b=dirs["c"], task=TASK, points=3, limit=LIMIT), tmp_path / "run")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(UsageError, match="not a crashlm landscape run"):
-        landscape_1d(config, tmp_path / "mine")
+        on_models(landscape_1d, config, tmp_path / "mine")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 

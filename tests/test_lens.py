@@ -10,7 +10,6 @@ import torch
 
 from crashlm.analysis.lens import (
     LensStats,
-    LensTrainConfig,
     Trajectory,
     TunedLens,
     decode,
@@ -18,13 +17,14 @@ from crashlm.analysis.lens import (
     layer_log_probs,
     lens_statistics,
     token_states,
-    train_tuned_lens,
     trajectory,
 )
+from crashlm.analysis.tuned_lens import LensTrainConfig, train_tuned_lens
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint, get_final_norm, get_layers, get_unembed
-from crashlm.emulators.emulator import build_emulator, save_bundle
-from crashlm.emulators.plans import uniform_plan
+from crashlm.emulators.bundle import save_bundle
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.plans import EmulatorSpec, Sharing, uniform_plan
 from tests.cli import run_cli
 from tests.tiny import TINY_LAYOUTS, batch, save_tiny, tiny_model
 
@@ -212,7 +212,7 @@ def test_damaged_or_foreign_lens_directories_are_usage_errors(tmp_path):
 def tiny_emulator(sharing: bool):
     model, tokenizer = tiny_model("llama", **SPREAD)
     plan = uniform_plan(6, k=4, trainable=2, base_fingerprint=fingerprint(model))
-    return build_emulator(model, tokenizer, plan, sharing=sharing)
+    return build_emulator(model, tokenizer, EmulatorSpec(plan, Sharing.COPIES if sharing else Sharing.NONE))
 
 
 def test_emulator_states_map_to_full_model_depth_through_the_plan_slots():
@@ -260,7 +260,7 @@ def test_cli_help_of_lens_and_lens_train(capsys):
 def test_cli_lens_with_an_emulator_and_a_trained_lens(tiny_llama_dir, text_file, tmp_path, capsys):
     model, tokenizer = tiny_model("llama")  # the same weights as tiny_llama_dir
     plan = uniform_plan(6, k=4, trainable=2, base_fingerprint=fingerprint(model))
-    save_bundle(build_emulator(model, tokenizer, plan), tmp_path / "uniform-emu")
+    save_bundle(build_emulator(model, tokenizer, EmulatorSpec(plan)), tmp_path / "uniform-emu")
 
     lens_dir = tmp_path / "tuned"
     code, out, err = run_cli(["lens", "train", "--model", str(tiny_llama_dir), "--text", str(text_file),
@@ -327,7 +327,7 @@ def test_cli_a_lens_for_another_model_exits_2(tiny_llama_dir, text_file, tmp_pat
                             "--text", str(text_file), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "trained on another model" in err and len(err.strip().splitlines()) == 1
     plan = uniform_plan(6, k=4, trainable=2, base_fingerprint=fingerprint(model))
-    save_bundle(build_emulator(model, tokenizer, plan), tmp_path / "foreign-emu")
+    save_bundle(build_emulator(model, tokenizer, EmulatorSpec(plan)), tmp_path / "foreign-emu")
     code, _, err = run_cli(["lens", "--model", str(tiny_llama_dir), "--emulator", str(tmp_path / "foreign-emu"),
                             "--text", str(text_file), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "was built from another model" in " ".join(err.split())

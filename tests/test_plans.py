@@ -6,15 +6,29 @@ import random
 
 import pytest
 
+from crashlm.analysis.similarity import SimilarityResult
 from crashlm.core.errors import UsageError
+from crashlm.emulators import strategies
 from crashlm.emulators.plans import (
+    EmulatorSpec,
     LayerPlan,
+    Sharing,
+    SlotKind,
     auto_k,
     contiguous_clusters,
     crash_plan,
     spread_positions,
     uniform_plan,
 )
+from crashlm.emulators.strategies import (
+    SIMILARITY,
+    PlanInputs,
+    get_strategy,
+    plan_for,
+    register,
+    strategy_name,
+)
+from tests.tiny import tiny_model
 
 
 def greedy_merge(adjacent: list[float], k: int) -> list[list[int]]:
@@ -73,13 +87,14 @@ def test_uniform_plan_matches_offsite_tuning_sizes():
 
 def test_slots_sharing_nearest_kept_tie_to_higher():
     plan = LayerPlan(num_layers=8, strategy="custom", kept=[0, 3, 5, 7], trainable=[0, 7])
-    slots = plan.slots(sharing=True)
+    slots = EmulatorSpec(plan, Sharing.COPIES).slots
     assert [s.source for s in slots] == [0, 0, 3, 3, 5, 5, 7, 7]  # position 4: 3 vs 5 -> 5; 6: 5 vs 7 -> 7
-    assert [s.module for s in slots][:2] == ["adapter.0", "copy.0"]
-    assert slots[6].module == "copy.7" and slots[7].module == "adapter.7"
-    tied = plan.slots(sharing=True, share_trainable=True)
-    assert tied[6].module == "adapter.7"
-    plain = plan.slots(sharing=False)
+    assert [s.key for s in slots][:2] == ["adapter.0", "copy.0"]
+    assert slots[6].key == "copy.7" and slots[7].key == "adapter.7"
+    assert [s.kind for s in slots[2:4]] == [SlotKind.FROZEN, SlotKind.FROZEN]
+    tied = EmulatorSpec(plan, Sharing.TIED).slots
+    assert tied[6].key == "adapter.7"
+    plain = EmulatorSpec(plan).slots
     assert [s.source for s in plain] == [0, 3, 5, 7] and [s.trainable for s in plain] == [True, False, False, True]
 
 
@@ -112,3 +127,90 @@ def test_k_out_of_range():
         uniform_plan(12, 12)
     with pytest.raises(UsageError):
         crash_plan([0.5] * 11, 3)  # fewer kept than trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and the strategy registry
+
+
+def test_spec_round_trips_and_unknown_sharing_is_refused():
+    spec = EmulatorSpec(crash_plan([0.9, 0.2, 0.95, 0.97, 0.3, 0.9, 0.99], k=4), Sharing.TIED)
+    assert EmulatorSpec.from_dict(spec.to_dict()) == spec and spec.to_dict()["sharing"] == "tied"
+    assert spec.shares and not EmulatorSpec(spec.plan).shares
+    with pytest.raises(UsageError, match="unknown sharing 'sometimes'"):
+        EmulatorSpec.from_dict({**spec.to_dict(), "sharing": "sometimes"})
+
+
+def test_the_papers_strategies_are_registered_with_their_labels_inputs_and_sharing():
+    table = {name: (s.label, s.needs, s.sharing, s.rule) for name, s in strategies.STRATEGIES.items()}
+    assert table == {
+        "uniform": ("Uniform", frozenset(), Sharing.NONE, "uniform"),
+        "crash": ("CRaSh w/o sharing", {SIMILARITY}, Sharing.NONE, "crash"),
+        "crash-share": ("CRaSh", {SIMILARITY}, Sharing.COPIES, "crash"),
+    }
+    with pytest.raises(UsageError, match="unknown emulator strategy 'random'; choose one of uniform, crash"):
+        get_strategy("random")
+
+
+def test_an_emulator_is_named_by_its_plans_rule_and_whether_it_shares():
+    crash = crash_plan([0.9, 0.2, 0.95, 0.97, 0.3, 0.9, 0.99], k=4)
+    custom = LayerPlan(num_layers=8, strategy="custom", kept=[0, 3, 5, 7], trainable=[0, 7])
+    names = {(plan.strategy, sharing): strategy_name(EmulatorSpec(plan, sharing))
+             for plan in (uniform_plan(8, 4, 2), crash, custom) for sharing in Sharing}
+    assert names == {
+        ("uniform", Sharing.NONE): "uniform", ("uniform", Sharing.COPIES): "uniform-share",
+        ("uniform", Sharing.TIED): "uniform-share",
+        ("crash", Sharing.NONE): "crash", ("crash", Sharing.COPIES): "crash-share",
+        ("crash", Sharing.TIED): "crash-share",
+        ("custom", Sharing.NONE): "custom", ("custom", Sharing.COPIES): "custom-share",
+        ("custom", Sharing.TIED): "custom-share",
+    }
+
+
+def test_a_new_strategy_is_one_registered_function(monkeypatch):
+    monkeypatch.setattr(strategies, "STRATEGIES", dict(strategies.STRATEGIES))
+    seen = []
+
+    @register("most-similar", "Most similar", needs={SIMILARITY}, sharing=Sharing.COPIES)
+    def most_similar(inputs: PlanInputs) -> LayerPlan:
+        seen.append(inputs)
+        order = sorted(range(inputs.num_layers - 1), key=lambda b: -inputs.adjacent[b])
+        dropped = set(order[: inputs.num_layers - inputs.k])
+        kept = [layer for layer in range(inputs.num_layers) if layer not in dropped]
+        return LayerPlan(inputs.num_layers, "anything", kept, [kept[0], kept[-1]])
+
+    model, _ = tiny_model("llama", 6)
+    similarity = synthetic_similarity([0.9, 0.2, 0.95, 0.3, 0.8])
+    plan = plan_for(model, "most-similar", k=3, trainable=2, similarity=similarity, model_name="tiny")
+    assert seen[0].adjacent == similarity.adjacent_layers and seen[0].k == 3 and seen[0].model is model
+    assert plan.kept == [1, 3, 5] and plan.strategy == "most-similar" and plan.model == "tiny"
+    assert plan.similarity["task"] == "synthetic" and "cka" not in plan.similarity and plan.base_fingerprint
+    assert strategy_name(get_strategy("most-similar").spec(plan)) == "most-similar"
+    with pytest.raises(ValueError, match="already registered"):
+        register("most-similar", "again")(most_similar)
+    with pytest.raises(ValueError, match="unknown inputs"):
+        register("psychic", "Psychic", needs={"future"})
+
+
+def synthetic_similarity(adjacent_layers: list[float]) -> SimilarityResult:
+    """A CKA result whose consecutive decoder layers have these similarities."""
+    num_layers = len(adjacent_layers) + 1
+    adjacent = [0.5, *adjacent_layers]
+    cka = [[1.0 if i == j else 0.5 for j in range(num_layers + 1)] for i in range(num_layers + 1)]
+    return SimilarityResult(model="tiny", task="synthetic", samples=8, pooling="mean", estimator="biased",
+                            minibatch=None, num_layers=num_layers, cka=cka, adjacent=adjacent)
+
+
+def test_plan_for_with_automatic_k_and_bare_similarities():
+    model, _ = tiny_model("llama", 6)
+    adjacent = [0.95, 0.2, 0.96, 0.3, 0.94]
+    plan = plan_for(model, "crash", trainable=1, similarity=synthetic_similarity(adjacent), auto=True)
+    assert plan.k == auto_k(adjacent, 1) == 3
+    bare = plan_for(model, "crash", k=3, trainable=1, similarity=adjacent)
+    assert (bare.kept, bare.trainable, bare.similarity) == (plan.kept, plan.trainable, None)
+    with pytest.raises(UsageError, match="describes 5 layers but the model has 6"):
+        plan_for(model, "crash", k=3, trainable=1, similarity=adjacent[:-1])
+    with pytest.raises(UsageError, match="not both"):
+        plan_for(model, "crash", k=3, similarity=adjacent, auto=True)
+    with pytest.raises(UsageError, match="strategy uniform reads none"):
+        plan_for(model, "uniform", auto=True)

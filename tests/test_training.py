@@ -23,34 +23,31 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import crashlm.training.loop as training
+import crashlm.training.full as full_ft
+import crashlm.training.loop as loop
+import crashlm.training.runtime as runtime
+import crashlm.training.task as task
 from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import main
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.models import get_layers
 from crashlm.core.scoring import mean_answer_loss
-from crashlm.emulators.emulator import (
-    build_emulator,
-    load_emulator,
-    make_plan,
-    save_bundle,
-    strategy_shares,
-)
+from crashlm.emulators.bundle import load_emulator, save_bundle
+from crashlm.emulators.distill import TextBatches, distill_emulator, distillation_loss
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.finetune import train_adapter
+from crashlm.emulators.plans import EmulatorSpec, Sharing
 from crashlm.emulators.plugin import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
     apply_adapter,
     load_adapter,
 )
-from crashlm.training.loop import (
-    TrainConfig,
-    checkpoint_dir,
-    distill_emulator,
-    distillation_loss,
-    split_examples,
-    train_adapter,
-    train_full,
-)
+from crashlm.emulators.strategies import get_strategy, plan_for
+from crashlm.training.checkpoint import checkpoint_dir
+from crashlm.training.config import TrainConfig
+from crashlm.training.data import split_examples
+from crashlm.training.full import train_full
 from tests.tiny import CORPUS, batch, save_tiny, tiny_model
 
 L, K, TRAINABLE = 6, 4, 2
@@ -85,8 +82,9 @@ def similarity(num_layers: int) -> SimilarityResult:
 def full_and_emulator(arch: str, strategy: str, share_trainable: bool = False):
     """A tiny full model (kept intact) and an emulator built from a copy of it."""
     full, tokenizer = tiny_model(arch, L)
-    plan = make_plan(full, strategy, K, TRAINABLE, similarity(L), model_name="tiny")
-    emulator = build_emulator(copy.deepcopy(full), tokenizer, plan, strategy_shares(strategy), share_trainable)
+    plan = plan_for(full, strategy, K, TRAINABLE, similarity(L), model_name="tiny")
+    sharing = Sharing.TIED if share_trainable else get_strategy(strategy).sharing
+    emulator = build_emulator(copy.deepcopy(full), tokenizer, EmulatorSpec(plan, sharing))
     return full, emulator
 
 
@@ -99,7 +97,7 @@ def bundle(tmp_path_factory) -> Path:
 
 def position(emulator, source: int) -> int:
     """The first emulator position holding adapter layer ``source``."""
-    return next(slot.position for slot in emulator.slots if slot.module == f"adapter.{source}")
+    return next(slot.position for slot in emulator.slots if slot.trainable and slot.source == source)
 
 
 def adapter_storage(emulator) -> set[int]:
@@ -207,7 +205,7 @@ def test_best_checkpoint_by_validation_loss_is_what_gets_saved(tmp_path, monkeyp
         seen[self.step] = self._trainable_state()
         return next(scripted)
 
-    monkeypatch.setattr(training._Trainer, "_validate", fake_validate)
+    monkeypatch.setattr(loop.TrainingLoop, "_validate", fake_validate)
     out = train_adapter(emulator, tiny_config(max_steps=6), tmp_path / "adapter")
     meta = json.loads((out / ADAPTER_META).read_text())
     assert meta["training"]["best_step"] == 4 and meta["training"]["best_val_loss"] == 1.0
@@ -223,14 +221,14 @@ def test_best_checkpoint_by_validation_loss_is_what_gets_saved(tmp_path, monkeyp
 def test_untrained_weights_are_only_a_reference(tmp_path, monkeypatch):
     _, emulator = full_and_emulator("llama", "uniform")
     scripted = iter([1.0, 2.0, 3.0])  # training only makes it worse: the best TRAINED step is kept
-    monkeypatch.setattr(training._Trainer, "_validate", lambda self: next(scripted))
+    monkeypatch.setattr(loop.TrainingLoop, "_validate", lambda self: next(scripted))
     meta = json.loads((train_adapter(emulator, tiny_config(), tmp_path / "a") / ADAPTER_META).read_text())
     assert meta["training"]["best_step"] == 2 and meta["training"]["initial_val_loss"] == 1.0
 
 
 def test_same_seed_is_bit_identical_and_seed_matters(tmp_path, bundle, monkeypatch):
     # bf16 autocast even where it is emulated (and slow): its path must be deterministic too.
-    monkeypatch.setattr(training, "use_bf16", lambda requested, device: requested)
+    monkeypatch.setattr(runtime, "use_bf16", lambda requested, device: requested)
     config = tiny_config(bf16=True)
     a = train_adapter(load_emulator(bundle), config, tmp_path / "a")
     b = train_adapter(load_emulator(bundle), config, tmp_path / "b")
@@ -244,14 +242,14 @@ def test_nan_loss_stops_keeps_checkpoint_and_resumes(tmp_path, bundle, monkeypat
     config = tiny_config(max_steps=6, checkpoint_every=1)
     reference = train_adapter(load_emulator(bundle), config, tmp_path / "reference")
 
-    real, calls = training.batch_answer_loss, {"n": 0}
+    real, calls = task.batch_answer_loss, {"n": 0}
 
     def poisoned(model, batch):
         calls["n"] += 1
         loss = real(model, batch)
         return loss * float("nan") if calls["n"] == 4 else loss  # step 4's micro-batch
 
-    monkeypatch.setattr(training, "batch_answer_loss", poisoned)
+    monkeypatch.setattr(task, "batch_answer_loss", poisoned)
     out = tmp_path / "adapter"
     with pytest.raises(RunFailure, match=r"non-finite loss at step 4; last good checkpoint kept in .*adapter\.partial"):
         train_adapter(load_emulator(bundle), config, out)
@@ -260,7 +258,7 @@ def test_nan_loss_stops_keeps_checkpoint_and_resumes(tmp_path, bundle, monkeypat
     with pytest.raises(UsageError, match="--resume"):
         train_adapter(load_emulator(bundle), config, out)
 
-    monkeypatch.setattr(training, "batch_answer_loss", real)
+    monkeypatch.setattr(task, "batch_answer_loss", real)
     train_adapter(load_emulator(bundle), config, out, resume=True)
     assert adapter_bytes(out) == adapter_bytes(reference)
     assert not checkpoint_dir(out).exists()
@@ -268,7 +266,7 @@ def test_nan_loss_stops_keeps_checkpoint_and_resumes(tmp_path, bundle, monkeypat
 
 def test_resume_refuses_other_settings(tmp_path, bundle, monkeypatch):
     out = tmp_path / "adapter"
-    monkeypatch.setattr(training, "batch_answer_loss", lambda model, batch: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(task, "batch_answer_loss", lambda model, batch: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(RunFailure):
         train_adapter(load_emulator(bundle), tiny_config(), out)
     monkeypatch.undo()
@@ -344,8 +342,8 @@ def test_full_finetuning_writes_a_loadable_hf_model(tmp_path):
     state = loaded.state_dict()
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
     assert sum(not torch.equal(before[n], t) for n, t in state.items()) > len(state) // 2  # all kinds of weights train
-    record = json.loads((out / training.TRAINING_META).read_text())
-    assert record["format"] == training.FULL_FORMAT and record["training"]["kind"] == "full"
+    record = json.loads((out / full_ft.TRAINING_META).read_text())
+    assert record["format"] == full_ft.FULL_FORMAT and record["training"]["kind"] == "full"
     assert [p["step"] for p in record["validation_curve"]] == [0, 2]
     assert (out / "tokenizer.json").is_file()
 
@@ -374,6 +372,66 @@ def test_distillation_refuses_another_teacher():
     other, _ = tiny_model("llama", L, hidden_act="gelu")
     with pytest.raises(UsageError, match="not this emulator's base model"):
         distill_emulator(other, emulator, CORPUS, steps=1, batch_size=2)
+
+
+def test_distillation_batches_are_a_function_of_the_step():
+    """A batch source of the loop: any step's batch, asked in any order, is that step's batch."""
+    _, emulator = full_and_emulator("llama", "uniform")
+    texts = CORPUS[:5]
+    in_order = TextBatches(emulator.tokenizer, texts, 3, 32, seed=4)
+    expected = [in_order.batch(step)["input_ids"] for step in range(1, 8)]
+    shuffled = TextBatches(emulator.tokenizer, texts, 3, 32, seed=4)
+    for step in (6, 2, 7, 1, 5, 3, 4):
+        assert torch.equal(shuffled.batch(step)["input_ids"], expected[step - 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop on its own
+
+
+def _toy_loop(acc, loss_fn, **options):
+    """A linear model trained 4 steps on one batch of 2 rows (6 tokens)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    batch = {"x": torch.arange(6.0).reshape(2, 3), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    return model, loop.TrainingLoop(acc, model, dict(model.named_parameters()), loss_fn, lambda step: [batch], 4,
+                                    lr=0.1, schedule=loop.warmup_schedule("cosine", 0.25), grad_clip=1.0, **options)
+
+
+def test_a_loss_function_may_back_propagate_itself():
+    """manual_backward: the loss function runs backward piece by piece, the loop only steps."""
+    def whole(model, batch):
+        return model(batch["x"]).pow(2).mean()
+
+    acc = runtime.accelerator(bf16=False)
+
+    def pieces(model, batch):
+        total = 0.0
+        for row in batch["x"]:
+            part = model(row[None]).pow(2).mean() / len(batch["x"])
+            acc.backward(part)
+            total += part.item()
+        return torch.tensor(total, dtype=torch.float64)
+
+    one, run_one = _toy_loop(acc, whole)
+    a = run_one.run()
+    two, run_two = _toy_loop(acc, pieces, manual_backward=True)
+    b = run_two.run()
+    assert len(a.record["train_losses"]) == 4 and a.record["tokens"] == 4 * 6 and a.curve == []
+    assert b.record["train_losses"] == pytest.approx(a.record["train_losses"], rel=1e-6)
+    assert torch.allclose(one.weight, two.weight, atol=1e-6) and not one.training
+
+
+def test_a_loop_without_checkpoints_stops_on_a_non_finite_loss():
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        return model(batch["x"]).mean() * (float("nan") if calls["n"] == 3 else 1.0)
+
+    _, run = _toy_loop(runtime.accelerator(bf16=False), loss, name="toy training")
+    with pytest.raises(RunFailure, match=r"^toy training stopped: non-finite loss at step 3$"):
+        run.run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +509,7 @@ def test_real_model_adapter_round(tmp_path):
     from crashlm.emulators.plugin import plug_in
 
     model, tokenizer = load_model("smollm2-135m")
-    emulator = build_emulator(model, tokenizer, make_plan(model, "uniform", model_name="smollm2-135m"))
+    emulator = build_emulator(model, tokenizer, EmulatorSpec(plan_for(model, "uniform", model_name="smollm2-135m")))
     out = train_adapter(emulator, TrainConfig(task="piqa", train_samples=16, val_samples=8, max_steps=2,
                                               batch_size=8, max_length=64), tmp_path / "adapter")
     meta = json.loads((out / ADAPTER_META).read_text())

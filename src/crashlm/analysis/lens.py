@@ -17,18 +17,16 @@ last layer every lens equals the model's logits.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from crashlm.core.errors import RunFailure, UsageError
+from crashlm.core.errors import UsageError
 from crashlm.core.io import (
     atomic_dir,
     dataclass_fields,
@@ -39,9 +37,6 @@ from crashlm.core.io import (
 )
 from crashlm.core.models import capture_layer_io, get_layers, hidden_to_logits
 from crashlm.core.scoring import IGNORE_INDEX, encode_text, pad_batch, pad_token_id
-
-if TYPE_CHECKING:
-    from crashlm.emulators.emulator import Emulator
 
 LENS_KINDS = ("logit", "tuned")
 LENS_FORMAT = "crashlm-tuned-lens"
@@ -59,15 +54,19 @@ def full_depth(model: nn.Module) -> list[int]:
     return list(range(len(get_layers(model)) + 1))
 
 
-def emulator_depth(emulator: "Emulator") -> list[int]:
-    """Each emulator state's depth in the full model, from the plan's slots.
+def emulator_depth(emulator) -> list[int]:
+    """Each emulator state's depth in the full model, from its slots.
 
     State 0 is the embeddings. Without sharing, position i holds kept layer ``source`` and the
     layers in between are gone, so its output stands for the full model's layer ``source``
     output (depth source + 1). With sharing the emulator keeps all L positions, each standing
-    in for its own layer (depth position + 1) with another layer's weights.
+    in for its own layer (depth position + 1) with another layer's weights. An emulator with L
+    positions is read as sharing: when every layer is kept, the two rules agree. Only the
+    emulator's ``slots`` and ``plan`` are read (analysis sits below the emulators layer).
     """
-    return [0, *((slot.position if emulator.sharing else slot.source) + 1 for slot in emulator.slots)]
+    slots = emulator.slots
+    shares = len(slots) == emulator.plan.num_layers
+    return [0, *((slot.position if shares else slot.source) + 1 for slot in slots)]
 
 
 def check_depth(model: nn.Module, depth: Sequence[int] | None) -> list[int]:
@@ -101,16 +100,19 @@ class TokenStates:
         return self.states.shape[1]
 
 
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+    """``texts`` as one right-padded batch: positions never depend on the padding side."""
+    return pad_batch([encode_text(tokenizer, text, max_length) for text in texts], pad_token_id(tokenizer))
+
+
 @torch.no_grad()
-def token_states(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512) -> TokenStates:
-    """Run ``model`` on ``texts`` and keep the S residual states of every real token.
+def batch_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenStates:
+    """Run ``model`` on an :func:`encode_texts` batch and keep the S residual states of every real token.
 
     The base model is called without its LM head: vocabulary logits of every token would cost
     more memory than the states, and the lenses decode only what they need, chunk by chunk.
     """
     device = _model_device(model)
-    ids = [encode_text(tokenizer, text, max_length) for text in texts]
-    batch = pad_batch(ids, pad_token_id(tokenizer))  # right-padded: positions never depend on the padding side
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device).bool()
     base = getattr(model, "base_model", model)
@@ -120,6 +122,11 @@ def token_states(model: nn.Module, tokenizer, texts: Sequence[str], max_length: 
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     targets[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
     return TokenStates(torch.stack([state[mask] for state in states]), targets[mask])
+
+
+def token_states(model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = 512) -> TokenStates:
+    """:func:`batch_states` of ``texts``, each truncated to ``max_length`` tokens."""
+    return batch_states(model, encode_texts(tokenizer, texts, max_length))
 
 
 def iter_token_states(
@@ -272,131 +279,6 @@ def layer_log_probs(
     """Log-probabilities [S, N, V] of every state [S, N, D] (for a chunk of tokens)."""
     indices = _lens_indices(model, lens, depth)
     return torch.stack([decode(model, h, i, lens).log_softmax(-1) for i, h in zip(indices, states)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Training the tuned lens
-
-
-@dataclass
-class LensTrainConfig:
-    """How a tuned lens is trained: AdamW on KL(final || lens), summed over the translators.
-
-    The defaults fit a CPU: a few hundred short batches. The learning rate warms up linearly
-    over ``warmup_steps`` and then decays with a cosine to zero.
-    """
-
-    steps: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    max_length: int = 128
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"lens training: {name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"lens training: lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise UsageError("lens training: warmup_steps and weight_decay must be >= 0, max_grad_norm > 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "LensTrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise UsageError(f"lens training: unknown settings {', '.join(sorted(unknown))}")
-        return cls(**data)
-
-
-@contextlib.contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Turn off the model's gradients for the duration (the lens trains through its unembedding)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _lr_factor(step: int, config: LensTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _text_batches(texts: Sequence[str], batch_size: int, seed: int) -> Iterator[list[str]]:
-    """Endless batches of texts, reshuffled every pass with a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(texts), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield [texts[i] for i in order[start : start + batch_size]]
-
-
-def train_tuned_lens(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    config: LensTrainConfig | None = None,
-    lens: TunedLens | None = None,
-    name: str | None = None,
-    base_fingerprint: str | None = None,
-) -> tuple[TunedLens, list[float]]:
-    """Train a tuned lens for ``model`` on ``texts``; return it and the loss at every step.
-
-    The loss of step t is the mean over translators of KL(final || lens), averaged over the
-    batch's real tokens. Each translator's loss is back-propagated on its own: translators do
-    not interact, so this equals one backward of the sum, with one [N, V] graph alive at a time.
-    The model stays frozen and in eval mode.
-    """
-    config = config or LensTrainConfig()
-    texts = list(texts)
-    if not texts:
-        raise UsageError("training a tuned lens needs at least one text")
-    torch.manual_seed(config.seed)
-    lens = lens if lens is not None else TunedLens.for_model(model, name, base_fingerprint)
-    lens.check_model(model)
-    lens.train()
-    optimizer = torch.optim.AdamW(lens.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    batches = _text_batches(texts, config.batch_size, config.seed)
-    losses: list[float] = []
-    progress = tqdm(range(config.steps), desc="tuned lens", unit="step")
-    with _frozen(model):
-        for _ in progress:
-            batch = token_states(model, tokenizer, next(batches), config.max_length)
-            with torch.no_grad():
-                final = decode(model, batch.states[-1], lens.num_layers).log_softmax(-1)
-            total = 0.0
-            for index in range(lens.num_layers):
-                log_q = decode(model, batch.states[index], index, lens).log_softmax(-1)
-                loss = F.kl_div(log_q, final, log_target=True, reduction="batchmean") / lens.num_layers
-                loss.backward()
-                total += loss.item()
-            if not math.isfinite(total):
-                raise RunFailure(f"tuned lens training diverged (loss {total}); lower the learning rate")
-            torch.nn.utils.clip_grad_norm_(lens.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total)
-            progress.set_postfix(kl=f"{total:.4f}")
-    lens.eval()
-    lens.training_config = {**lens.training_config, **config.to_dict(), "texts": len(texts), "final_loss": losses[-1]}
-    return lens, losses
 
 
 # ---------------------------------------------------------------------------------------------

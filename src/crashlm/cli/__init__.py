@@ -15,6 +15,7 @@ import typer
 
 from crashlm.cli._common import console, err_console, state
 from crashlm.core.errors import CrashlmError
+from crashlm.core.settings import SettingError
 
 app = typer.Typer(
     name="crashlm",
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     except CrashlmError as exc:
         if state.debug:
             raise
-        _fail(str(exc), exc.exit_code)
+        _fail(exc.for_flag() if isinstance(exc, SettingError) else str(exc), exc.exit_code)
     except typer.TyperException as exc:  # typer's (vendored) click errors: bad options, values, commands
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(exc.exit_code)  # the help is already printed

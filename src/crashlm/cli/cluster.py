@@ -14,7 +14,6 @@ from crashlm.core.io import atomic_files, check_output_dir
 from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators import plans
 
-SIMILARITY_SOURCES = ("cka", "lens")
 # What marks --out as crashlm's: an earlier plan, or the similarity the plan is made from.
 OUT_MARKERS = ("plan.json", "similarity.json")
 
@@ -37,10 +36,16 @@ def cluster(
     dtype: str = typer.Option("float32", "--dtype", help="Weights / autocast dtype: float32 or bfloat16 (same fingerprint)."),
 ) -> None:
     """Cluster layers by similarity and keep one per cluster (CRaSh), or drop uniformly (OFT)."""
-    from crashlm.core.models import fingerprint, load_model, num_layers
+    from crashlm.analysis.similarity import SimilarityResult, compute_similarity
+    from crashlm.core.models import load_config, load_model
+    from crashlm.emulators.strategies import (
+        SIMILARITY,
+        SIMILARITY_SOURCES,
+        get_strategy,
+        plan_for,
+    )
 
-    if strategy not in ("crash", "uniform"):
-        raise UsageError(f"unknown strategy {strategy!r}; choose crash or uniform")
+    reads_similarity = SIMILARITY in get_strategy(strategy).needs
     if similarity_source not in SIMILARITY_SOURCES:
         raise UsageError(f"unknown similarity source {similarity_source!r}; choose {' or '.join(SIMILARITY_SOURCES)}")
     positive(k, "--k")
@@ -51,50 +56,18 @@ def cluster(
         raise UsageError("give either --k or --auto, not both")
     check_output_dir(out, OUT_MARKERS)
 
-    sim = None
-    if strategy == "crash" and similarity is not None:
-        from crashlm.analysis.similarity import SimilarityResult
-
-        sim = SimilarityResult.load(similarity)
+    sim = SimilarityResult.load(similarity) if reads_similarity and similarity is not None else None
     model_spec = model or (sim.model if sim else DEFAULT_MODEL)
+    if reads_similarity and sim is None and similarity_source == "cka":
+        if k is not None:  # fail before any long computation
+            plans.check_k(k, load_config(model_spec).num_hidden_layers, trainable)
+        # Before the full model loads: compute_similarity loads its own copy.
+        sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
+                                 dtype=torch_dtype, split=split)
     full_model, tokenizer = load_model(model_spec, dtype=torch_dtype)
-    depth = num_layers(full_model)
-    meta = {"base_fingerprint": fingerprint(full_model), "model": model_spec}
-    if k is not None:
-        plans.check_k(k, depth, trainable)  # fail before any long computation
-
-    if strategy == "uniform":
-        if auto:
-            raise UsageError("--auto needs a similarity profile; it applies to --strategy crash")
-        plan = plans.uniform_plan(depth, k, trainable, **meta)
-        matrix = None
-    else:
-        if sim is not None:
-            if sim.num_layers != depth:
-                raise UsageError(f"{similarity} describes {sim.num_layers} layers but {model_spec} has {depth}")
-            adjacent, matrix, settings = sim.adjacent_layers, sim.cka, {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
-        elif similarity_source == "lens":
-            from crashlm.analysis.divergence import (
-                adjacent_similarity,
-                compute_divergence,
-            )
-            from crashlm.core.tasks import load_examples
-
-            texts = [ex.text for ex in load_examples(task, split, limit=samples)]
-            result = compute_divergence(full_model, tokenizer, texts, batch_size=batch_size)
-            adjacent, matrix = adjacent_similarity(result, "js"), None
-            settings = {"source": "lens", "measure": "js", "task": task, "split": split, "samples": len(texts)}
-        else:
-            from crashlm.analysis.similarity import compute_similarity
-
-            del full_model  # compute_similarity loads its own copy
-            sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
-                                     dtype=torch_dtype, split=split)
-            adjacent, matrix = sim.adjacent_layers, sim.cka
-            settings = {k_: v for k_, v in sim.to_dict().items() if k_ not in ("cka", "adjacent")}
-        if auto:
-            k = plans.auto_k(adjacent, trainable)
-        plan = plans.crash_plan(adjacent, k, trainable, similarity=settings, **meta)
+    plan = plan_for(full_model, strategy, k, trainable, sim, auto=auto, model_name=model_spec, tokenizer=tokenizer,
+                    source=similarity_source, task=task, split=split, samples=samples, batch_size=batch_size)
+    depth, matrix = plan.num_layers, sim.cka if sim is not None else None
 
     from crashlm.outputs.plotting import plot_clusters
 

@@ -45,26 +45,28 @@ def emulator(
 ) -> None:
     """Build an emulator from a layer plan and save its bundle (no removed layer's weights)."""
     from crashlm.core.models import load_model
-    from crashlm.emulators.emulator import (
-        build_emulator,
-        check_strategy,
-        make_plan,
-        save_bundle,
-        strategy_shares,
+    from crashlm.emulators.bundle import save_bundle
+    from crashlm.emulators.emulator import build_emulator
+    from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing
+    from crashlm.emulators.strategies import (
+        SIMILARITY,
+        STRATEGIES,
+        get_strategy,
+        plan_for,
     )
-    from crashlm.emulators.plans import LayerPlan
 
-    check_strategy(strategy)
+    entry = get_strategy(strategy)
     check_output_dir(out)  # refuse a directory that is not ours before any work
     positive(k, "--k")
     positive(trainable, "--trainable", allow_none=False)
     positive(samples, "--samples", allow_none=False)
     torch_dtype = parse_dtype(dtype)
-    sharing = strategy_shares(strategy)
-    if share_trainable and not sharing:
-        raise UsageError("--share-trainable applies to --strategy crash-share only")
-    if similarity is not None and strategy == "uniform":
-        raise UsageError("--similarity applies to the crash strategies; uniform ignores layer similarity")
+    if share_trainable and not entry.shares:
+        sharers = " or ".join(name for name, s in STRATEGIES.items() if s.shares)
+        raise UsageError(f"--share-trainable applies to --strategy {sharers} only")
+    if similarity is not None and SIMILARITY not in entry.needs:
+        readers = ", ".join(name for name, s in STRATEGIES.items() if SIMILARITY in s.needs)
+        raise UsageError(f"--similarity applies to the crash strategies ({readers}); {strategy} ignores layer similarity")
     if plan is not None and (k is not None or similarity is not None):
         raise UsageError("--plan already fixes the layers: drop --k and --similarity")
     layer_plan = LayerPlan.load(plan) if plan is not None else None
@@ -78,9 +80,10 @@ def emulator(
     full_model, tokenizer = load_model(spec, dtype=torch_dtype)
     full_parameters = sum(p.numel() for p in full_model.parameters())
     if layer_plan is None:
-        layer_plan = make_plan(full_model, strategy, k, trainable, sim, task=task, samples=samples,
-                               pooling=pooling, model_name=spec, split=split)
-    emu = build_emulator(full_model, tokenizer, layer_plan, sharing=sharing, share_trainable=share_trainable)
+        layer_plan = plan_for(full_model, strategy, k, trainable, sim, task=task, samples=samples,
+                              pooling=pooling, model_name=spec, split=split)
+    sharing = Sharing.TIED if share_trainable else entry.sharing
+    emu = build_emulator(full_model, tokenizer, EmulatorSpec(layer_plan, sharing))
     save_bundle(emu, out)
 
     summary = emu.summary()

@@ -40,7 +40,7 @@ def eval_command(
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
     from crashlm.core.io import check_output_file
     from crashlm.core.models import default_device
-    from crashlm.emulators.plugin import load_target
+    from crashlm.emulators.targets import resolve_target
     from crashlm.evaluation.run import evaluate, resolve_splits
 
     if dtype not in DTYPE_CHOICES:
@@ -51,7 +51,8 @@ def eval_command(
     positive(max_length, "--max-length")
     resolve_splits(names, split, data_source)  # fail on a bad task, split or output before loading a model
     check_output_file(out)
-    module, tokenizer, description = load_target(model=model, emulator=emulator, adapter=adapter, device=device or default_device())
+    target = resolve_target(model=model, emulator=emulator, adapter=adapter, device=device or default_device())
+    module, tokenizer, description = target.model, target.tokenizer, target.description
     result = evaluate(
         module, tokenizer, names, limit=limit, split=split, batch_size=batch_size, description=description,
         dtype=None if dtype == "auto" else DTYPES[dtype], source=data_source,

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 
 from crashlm.analysis.landscape import (
@@ -14,12 +15,15 @@ from crashlm.analysis.landscape import (
     Landscape1DConfig,
     Landscape2D,
     Landscape2DConfig,
+    check_run,
     landscape_1d,
     landscape_2d,
 )
 from crashlm.cli import app
 from crashlm.cli._common import console
 from crashlm.core.errors import UsageError
+from crashlm.core.models import default_device
+from crashlm.emulators.targets import resolve_target
 from crashlm.outputs.plotting import (
     plot_landscape_1d,
     plot_landscape_2d_contour,
@@ -49,6 +53,16 @@ def _print(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def _sweep(run, config: Landscape1DConfig | Landscape2DConfig, out: Path, batch_size: int, device: Optional[str]):
+    """Check the run, then resolve its models in fp32 (the other anchors one at a time) and sweep."""
+    check_run(config, out)  # before any model loads
+    device = torch.device(device) if device is not None else default_device()
+    (_, origin), *others = config.models.items()
+    first = resolve_target(model=origin, dtype=torch.float32, device=device)
+    ends = (resolve_target(model=spec, dtype=torch.float32, device=device).model for _, spec in others)
+    return run(config, first.model, first.tokenizer, ends, out, batch_size=batch_size)
+
+
 def _summary_1d(result: Landscape1D) -> str:
     a, b = result.anchor("a"), result.anchor("b")
     return (f"{a.label} -> {b.label} on {result.config.task} ({result.examples} examples): "
@@ -76,7 +90,7 @@ def one_d(
 ) -> None:
     """theta(alpha) = theta_a + alpha (theta_b - theta_a): landscape.csv/.json, landscape_1d.png."""
     config = Landscape1DConfig(a=a, b=b, task=task, points=points, limit=limit, max_length=max_length)
-    result = landscape_1d(config, out, batch_size=batch_size, device=device)
+    result = _sweep(landscape_1d, config, out, batch_size, device)
     figure = plot_landscape_1d(result, out / "landscape_1d.png")
     _print(_summary_1d(result))
     _print(f"wrote {out / 'landscape.json'}, {out / 'landscape.csv'}, {figure}")
@@ -106,7 +120,7 @@ def two_d(
         origin=origin, x=x, y=y, task=task, grid=grid, axis_range=_parse_range(axis_range),
         directions=directions, seed=seed, limit=limit, max_length=max_length,
     )
-    result = landscape_2d(config, out, batch_size=batch_size, device=device)
+    result = _sweep(landscape_2d, config, out, batch_size, device)
     figures = [
         plot_landscape_2d_contour(result, out / "landscape_2d_contour.png"),
         plot_landscape_2d_surface(result, out / "landscape_2d_surface.png"),

@@ -62,23 +62,23 @@ def _read_lens(kind: str, path: Optional[Path]):
 
 
 def _load_full(spec: str, device: Optional[str], lens):
-    """``(model, tokenizer, fingerprint)`` of the full model, refusing a lens trained on another one."""
-    from crashlm.core.models import default_device, fingerprint, load_model
+    """``(model, tokenizer, base fingerprint)`` of ``--model``, refusing a lens trained on another model."""
+    from crashlm.core.models import default_device
+    from crashlm.emulators.targets import resolve_target
 
-    model, tokenizer = load_model(spec, device=device or default_device())
-    base = fingerprint(model)
+    target = resolve_target(model=spec, device=device or default_device())
     if lens is not None:
-        lens.check_base(base)
-        lens.to(next(model.parameters()).device)
-    return model, tokenizer, base
+        lens.check_base(target.base_fingerprint)
+        lens.to(next(target.model.parameters()).device)
+    return target.model, target.tokenizer, target.base_fingerprint
 
 
 def _load_emulator(path: Path, device: Optional[str], base: str | None, lens):
     """An emulator bundle made from the full model with fingerprint ``base`` (when given)."""
     from crashlm.core.models import default_device
-    from crashlm.emulators.emulator import load_emulator
+    from crashlm.emulators.targets import resolve_target
 
-    emulator = load_emulator(path, device=device or default_device())
+    emulator = resolve_target(emulator=str(path), device=device or default_device()).emulator
     if base is not None and emulator.base_fingerprint not in (None, base):
         raise UsageError(f"emulator {path} was built from another model (fingerprint {emulator.base_fingerprint}, "
                          f"the full model's {base})")
@@ -89,8 +89,7 @@ def _load_emulator(path: Path, device: Optional[str], base: str | None, lens):
 
 
 def _emulator_name(path: Path, emulator) -> str:
-    kind = emulator.plan.strategy + ("-share" if emulator.sharing else "")
-    return f"{path.name} ({kind}, {len(emulator.slots)} positions)"
+    return f"{path.name} ({emulator.strategy}, {len(emulator.slots)} positions)"
 
 
 def _file_stem(name: str) -> str:
@@ -133,7 +132,7 @@ def lens(
     if ctx.invoked_subcommand is not None:
         return
     from crashlm.analysis.lens import emulator_depth, lens_statistics, trajectory
-    from crashlm.emulators.emulator import read_manifest
+    from crashlm.emulators.bundle import read_manifest
     from crashlm.outputs.plotting import plot_lens_curves, plot_trajectory
 
     positive(max_length, "--max-length", allow_none=False)
@@ -199,7 +198,7 @@ def train(
     One residual affine translator per layer, zero-initialised (so it starts as the logit lens),
     minimising KL(model output || lens).
     """
-    from crashlm.analysis.lens import LensTrainConfig, train_tuned_lens
+    from crashlm.analysis.tuned_lens import LensTrainConfig, train_tuned_lens
 
     config = LensTrainConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
                              warmup_steps=min(LensTrainConfig.warmup_steps, steps // 10), seed=seed)

@@ -14,8 +14,10 @@ import typer
 
 from crashlm.cli import app
 from crashlm.cli._common import console
+from crashlm.cli._settings import with_settings
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
+from crashlm.training.config import TrainConfig
 
 
 def _print(text: str) -> None:
@@ -28,41 +30,23 @@ def _print(text: str) -> None:
 
 
 @app.command()
+@with_settings(TrainConfig, defaults={"task": ...}, exclude=("data_source",))
 def train(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Directory to write: the adapter (with --emulator) or a HF model (with --full)."),
-    task: str = typer.Option(..., "--task", help="Task whose TRAIN split is the training data (validation docs held out from it)."),
     emulator: Optional[Path] = typer.Option(None, "--emulator", help="Emulator bundle whose adapter layers train."),
     model: Optional[str] = typer.Option(None, "--model", help="Full model to fine-tune entirely (needs --full)."),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning of --model (the Full FT baseline)."),
-    train_samples: Optional[int] = typer.Option(None, "--train-samples", help="At most this many training docs. Default: all."),
-    val_samples: int = typer.Option(200, "--val-samples", help="Training docs held out for the validation loss."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training docs. Default: 1."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (instead of --epochs)."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate of AdamW."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Examples per micro-batch and process."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches accumulated per optimizer step."),
-    seed: int = typer.Option(1, "--seed", help="Seed of data order and initialisation (not of the validation split)."),
-    lora: Optional[int] = typer.Option(None, "--lora", help="Train LoRA weights of this rank on the adapter layers, merged before saving. Default: off."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation loss every K optimizer steps. Default: at the end of each epoch."),
-    max_length: int = typer.Option(256, "--max-length", help="Tokens the model reads per example at most; a longer one loses the start of its context, as evaluation with the same --max-length does."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(0.06, "--warmup-ratio", help="Share of the steps spent warming up the learning rate."),
-    schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule after warmup: cosine or linear."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Gradient norm clipping (0: off)."),
-    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Resumable checkpoint every N steps (also at every validation)."),
-    no_bf16: bool = typer.Option(False, "--no-bf16", help="Train in fp32. Default: bf16 autocast where the device has native bf16 (GPUs, CPUs with AVX512-BF16/AMX), else fp32."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run kept in OUT.partial (starts fresh when there is none)."),
+    *,
+    config: TrainConfig,
 ) -> None:
     """Train adapter layers on an emulator, or fine-tune a full model; keep the best checkpoint by validation loss."""
     from crashlm.core.io import read_json
+    from crashlm.emulators.finetune import train_adapter
     from crashlm.emulators.plugin import ADAPTER_META
-    from crashlm.training.loop import (
-        TRAINING_META,
-        TrainConfig,
-        checkpoint_dir,
-        train_adapter,
-        train_full,
-    )
+    from crashlm.training.checkpoint import checkpoint_dir
+    from crashlm.training.full import TRAINING_META, train_full
 
     if (emulator is None) == (model is None):
         raise UsageError("give --emulator DIR (adapter training) or --model M --full (full fine-tuning)")
@@ -70,19 +54,14 @@ def train(
         raise UsageError("--model trains every weight: add --full (to train an adapter, give --emulator)")
     if emulator is not None and full:
         raise UsageError("--full fine-tunes a full model: give --model, not --emulator")
-    if epochs is not None and max_steps is not None:
+    # By name: typer vendors its own click, whose ParameterSource is not importable publicly.
+    if config.max_steps is not None and ctx.get_parameter_source("epochs").name == "COMMANDLINE":
         raise UsageError("give --epochs or --max-steps, not both")
-    config = TrainConfig(
-        task=task, train_samples=train_samples, val_samples=val_samples, epochs=epochs or 1, max_steps=max_steps,
-        lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed, max_length=max_length,
-        weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule, grad_clip=grad_clip,
-        eval_every=eval_every, lora=lora, bf16=not no_bf16, checkpoint_every=checkpoint_every,
-    )
     config.validate()  # before loading any model
     if resume and checkpoint_dir(out).exists():
         _print(f"resuming from {checkpoint_dir(out)}")
     if emulator is not None:
-        from crashlm.emulators.emulator import load_emulator
+        from crashlm.emulators.bundle import load_emulator
 
         emu = load_emulator(emulator)
         train_adapter(emu, config, out, resume=resume)
@@ -95,7 +74,7 @@ def train(
         meta_name, what = TRAINING_META, f"all weights of {model}"
     record = read_json(out / meta_name, "training record")["training"]
     _print(
-        f"trained {what} on {task}: {record['steps']} steps x {record['num_processes']} process(es), "
+        f"trained {what} on {config.task}: {record['steps']} steps x {record['num_processes']} process(es), "
         f"{record['train_examples']} training / {record['val_examples']} validation docs, "
         f"{record['tokens_per_second']:.0f} tokens/s ({'bf16 autocast' if record['mixed_precision'] == 'bf16' else 'fp32'})"
     )
@@ -123,8 +102,8 @@ def distill(
     """OFT knowledge distillation of an emulator from the full model: 1.0 * LM + 30 * KD (Xiao et al. 2023)."""
     from crashlm.core.models import load_model
     from crashlm.core.tasks import load_examples
-    from crashlm.emulators.emulator import load_emulator, save_bundle
-    from crashlm.training.loop import distill_emulator, distillation_loss
+    from crashlm.emulators.bundle import load_emulator, save_bundle
+    from crashlm.emulators.distill import distill_emulator, distillation_loss
 
     if out.exists():
         raise UsageError(f"{out} already exists; choose another --out or remove it")

@@ -1,11 +1,12 @@
-"""Layer plans: the single description of an emulator.
+"""Layer plans and emulator specs: what an emulator is, as data.
 
 A :class:`LayerPlan` says which of the full model's L layers are kept, which of those are the
-trainable adapter, and (for CRaSh) how layers were clustered. :meth:`LayerPlan.slots` expands it
-into the emulator's layer sequence: for each emulator position, its source layer, whether it
-trains, and which module it is (positions with the same ``module`` share one module). Emulator
-building, training, evaluation and plug-in all read the plan through ``slots``, so they cannot
-disagree about where the adapter sits.
+trainable adapter, and (for CRaSh) how layers were clustered. An :class:`EmulatorSpec` is a plan
+plus a :class:`Sharing` mode; :attr:`EmulatorSpec.slots` expands it into the emulator's layer
+sequence: for each position, its source layer and the kind of module there (positions with the
+same :attr:`Slot.key` share one module). Building, bundles, training, evaluation and plug-in all
+read the spec, so they cannot disagree about where the adapter sits. Which plan a named strategy
+makes lives in :mod:`crashlm.emulators.strategies`.
 
 Rules (the CRaSh and Offsite-Tuning papers, with the original code's behaviour where it matters):
 
@@ -20,6 +21,7 @@ Rules (the CRaSh and Offsite-Tuning papers, with the original code's behaviour w
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +29,6 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
 
 PLAN_VERSION = 1
-STRATEGIES = ("crash", "uniform", "custom")
 DEFAULT_TRAINABLE = 4
 
 
@@ -99,30 +100,57 @@ def uniform_indices(total: int, keep: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plans
+# Slots and sharing
+
+
+class SlotKind(Enum):
+    """What module sits at an emulator position."""
+
+    ADAPTER = "adapter"  # a trainable layer of the plan, itself
+    FROZEN = "frozen"  # a frozen kept layer, itself
+    COPY = "copy"  # a frozen copy of a trainable layer's pretrained weights
+
+
+class Sharing(Enum):
+    """How an emulator fills the positions of removed layers."""
+
+    NONE = "none"  # not at all: the kept layers only (Offsite-Tuning, "CRaSh w/o sharing")
+    COPIES = "copies"  # the nearest kept layer; a frozen copy where that one trains (the original CRaSh)
+    TIED = "tied"  # the nearest kept layer, the trainable module itself included (--share-trainable)
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One emulator position: its source layer, whether it trains, and its module identity.
+    """One emulator position: its source layer and the kind of module there.
 
-    ``module`` names the module object: ``adapter.<s>`` (trainable layer s), ``frozen.<s>``
-    (frozen kept layer s) or ``copy.<s>`` (a frozen copy of trainable layer s's pretrained
-    weights). Positions with equal ``module`` share one module.
+    :attr:`key` (``adapter.<s>``, ``frozen.<s>``, ``copy.<s>``) names the module object: positions
+    with equal keys share one module, and bundles store each module once under its key.
     """
 
     position: int
     source: int
-    module: str
+    kind: SlotKind
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind.value}.{self.source}"
 
     @property
     def trainable(self) -> bool:
-        return self.module.startswith("adapter.")
+        return self.kind is SlotKind.ADAPTER
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans and specs
 
 
 @dataclass
 class LayerPlan:
-    """Which layers an emulator keeps, which of them train, and why (clusters, similarity)."""
+    """Which layers an emulator keeps, which of them train, and why (clusters, similarity).
+
+    ``strategy`` names the rule that chose the layers (``uniform``, ``crash``, a registered
+    strategy's rule, or ``custom`` for a hand-written plan): it is a record, not a switch.
+    """
 
     num_layers: int
     strategy: str
@@ -149,8 +177,8 @@ class LayerPlan:
         L = self.num_layers
         if L < 2:
             raise UsageError(f"plan: num_layers must be >= 2, got {L}")
-        if self.strategy not in STRATEGIES:
-            raise UsageError(f"plan: unknown strategy {self.strategy!r}; known: {', '.join(STRATEGIES)}")
+        if not isinstance(self.strategy, str) or not self.strategy:
+            raise UsageError(f"plan: strategy must be a name, got {self.strategy!r}")
         for name, layers in (("kept", self.kept), ("trainable", self.trainable)):
             if not layers:
                 raise UsageError(f"plan: {name} is empty")
@@ -177,29 +205,6 @@ class LayerPlan:
             raise UsageError(
                 f"plan was made for another base model (fingerprint {self.base_fingerprint}, this model {fingerprint})"
             )
-
-    def slots(self, sharing: bool = False, share_trainable: bool = False) -> list[Slot]:
-        """The emulator's layer sequence.
-
-        Without sharing: the kept layers, in order. With sharing: all L positions, each filled by
-        the nearest kept layer (tie -> the higher index). A removed position whose nearest kept
-        layer trains gets a frozen copy of that layer's pretrained weights (``copy.<s>``), as the
-        original CRaSh did, or the trainable module itself with ``share_trainable``.
-        """
-        trainable = set(self.trainable)
-
-        def module(source: int, own: bool) -> str:
-            if source not in trainable:
-                return f"frozen.{source}"
-            return f"adapter.{source}" if own or share_trainable else f"copy.{source}"
-
-        if not sharing:
-            return [Slot(i, s, module(s, True)) for i, s in enumerate(self.kept)]
-        slots = []
-        for position in range(self.num_layers):
-            source = min(self.kept, key=lambda s: (abs(s - position), -s))
-            slots.append(Slot(position, source, module(source, source == position)))
-        return slots
 
     # -- serialisation -----------------------------------------------------------------------
 
@@ -230,6 +235,57 @@ class LayerPlan:
     @classmethod
     def load(cls, path: str | Path) -> "LayerPlan":
         return cls.from_dict(read_json(path, "plan"))
+
+
+@dataclass(frozen=True)
+class EmulatorSpec:
+    """What an emulator is: its layer plan and how removed positions are filled."""
+
+    plan: LayerPlan
+    sharing: Sharing = Sharing.NONE
+
+    @property
+    def shares(self) -> bool:
+        """Whether the emulator runs all L positions (removed ones filled by kept layers)."""
+        return self.sharing is not Sharing.NONE
+
+    @property
+    def slots(self) -> list[Slot]:
+        """The emulator's layer sequence.
+
+        Without sharing: the kept layers, in order. With sharing: all L positions, each filled by
+        the nearest kept layer (tie -> the higher index). A removed position whose nearest kept
+        layer trains gets a frozen copy of that layer's pretrained weights (``COPIES``, as the
+        original CRaSh did) or the trainable module itself (``TIED``).
+        """
+        trainable = set(self.plan.trainable)
+
+        def kind(source: int, own: bool) -> SlotKind:
+            if source not in trainable:
+                return SlotKind.FROZEN
+            return SlotKind.ADAPTER if own or self.sharing is Sharing.TIED else SlotKind.COPY
+
+        if not self.shares:
+            return [Slot(i, s, kind(s, True)) for i, s in enumerate(self.plan.kept)]
+        slots = []
+        for position in range(self.plan.num_layers):
+            source = min(self.plan.kept, key=lambda s: (abs(s - position), -s))
+            slots.append(Slot(position, source, kind(source, source == position)))
+        return slots
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "sharing": self.sharing.value}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EmulatorSpec":
+        if not isinstance(data, dict) or "plan" not in data:
+            raise UsageError("emulator spec: expected an object with a plan")
+        try:
+            sharing = Sharing(data.get("sharing", Sharing.NONE.value))
+        except ValueError:
+            known = ", ".join(mode.value for mode in Sharing)
+            raise UsageError(f"emulator spec: unknown sharing {data['sharing']!r}; known: {known}") from None
+        return cls(LayerPlan.from_dict(data["plan"]), sharing)
 
 
 def uniform_plan(num_layers: int, k: int | None = None, trainable: int = DEFAULT_TRAINABLE, **meta) -> LayerPlan:

@@ -5,10 +5,8 @@ layer>``: the trainable layers only, any LoRA already merged) and ``adapter.json
 source layers, the base model's fingerprint, the plan, the training configuration and
 validation curve, and the sha256 of the tensor file). Source indices are layer indices of the
 FULL model, so the same adapter loads into the emulator it was trained on (its adapter layers)
-and into the full model (its original positions) without any translation table.
-
-:func:`load_target` is the one place where command-line arguments become a model: a model
-spec, an emulator bundle, either one with an adapter, or the ``SPEC+ADAPTER_DIR`` syntax.
+and into the full model (its original positions) without any translation table. Which model
+a command-line argument names (a ``SPEC+ADAPTER_DIR`` among them): :mod:`crashlm.emulators.targets`.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from crashlm.core.io import (
     write_json,
 )
 from crashlm.core.models import fingerprint, get_layers, load_model
-from crashlm.emulators.emulator import Emulator, is_bundle, load_emulator
+from crashlm.emulators.emulator import Emulator
 from crashlm.emulators.plans import LayerPlan
 
 ADAPTER_FORMAT = "crashlm-adapter"
@@ -187,60 +185,3 @@ def plug_in(
             "sources": adapter.sources,
         })
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line targets
-
-
-def split_target(spec: str) -> tuple[str, str | None]:
-    """``SPEC+ADAPTER_DIR`` -> (SPEC, ADAPTER_DIR), split at the last '+' only when the right
-    side is an adapter directory (a model path may itself contain '+')."""
-    head, plus, tail = spec.rpartition("+")
-    if plus and head and is_adapter(tail):
-        return head, tail
-    return spec, None
-
-
-def load_target(
-    model: str | None = None,
-    emulator: str | None = None,
-    adapter: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device | None = None,
-) -> tuple[nn.Module, object, dict]:
-    """Turn CLI arguments into ``(model, tokenizer, description)``, in eval mode.
-
-    ``model`` is a model spec (alias, HF directory, .gguf, hub id), an emulator bundle
-    directory, or ``SPEC+ADAPTER_DIR``; ``emulator`` a bundle directory. ``adapter`` is plugged
-    into the full model, or loaded into the emulator's adapter layers.
-    """
-    if model and emulator:
-        raise UsageError("give a model or an emulator, not both")
-    if model:
-        model, inline = split_target(model)
-        if inline and adapter:
-            raise UsageError(f"two adapters given: {inline} (after '+') and {adapter}")
-        adapter = adapter or inline
-        if is_bundle(model):
-            model, emulator = None, model
-    if not model and not emulator:
-        model = DEFAULT_MODEL
-    loaded = load_adapter(adapter) if adapter else None
-    if emulator:
-        emu = load_emulator(emulator, dtype=dtype, device=device)
-        if loaded:
-            apply_adapter(emu, loaded)
-        module, tokenizer = emu.model, emu.tokenizer
-        description = {"kind": "emulator", "source": str(emulator), "strategy": emu.strategy,
-                       "sharing": emu.sharing, "positions": len(emu.slots), "base_fingerprint": emu.base_fingerprint}
-    else:
-        module, tokenizer = load_model(model, dtype=dtype, device=device)
-        base = loaded.base_fingerprint if loaded and loaded.base_fingerprint else fingerprint(module)
-        if loaded:
-            apply_adapter(module, loaded)  # checks the base: afterwards the weights are no longer it
-        description = {"kind": "model", "source": model, "base_fingerprint": base}
-    description["adapter"] = str(adapter) if adapter else None
-    description["name"] = description["source"] + (f"+{adapter}" if adapter else "")
-    module.eval()
-    return module, tokenizer, description

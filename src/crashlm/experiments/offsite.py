@@ -23,107 +23,107 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from rich.console import Console
 
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
+from crashlm.core.models import load_config
+from crashlm.core.settings import Settings, setting
+from crashlm.core.tasks import ANALYSIS_SPLIT, get_task
 from crashlm.emulators import plans
+from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for
 from crashlm.outputs.tables import table_markdown
+from crashlm.training.config import TrainConfig
 
-STRATEGY_NAMES = {
-    "uniform": "Uniform",
-    "crash": "CRaSh w/o sharing",
-    "crash-share": "CRaSh",
-    "uniform-kd": "OFT + KD",
-}
-# Fields that change what a finished step would have produced; a re-run must keep them.
-_FROZEN_FIELDS = (
-    "model", "k", "trainable", "similarity_samples", "train_samples", "val_samples", "epochs",
-    "max_steps", "lr", "batch_size", "grad_accum", "eval_every", "eval_limit", "eval_split", "distill_steps",
-    "max_length",
-)
+# The OFT + KD row: the uniform emulator distilled from the full model before training.
+DISTILLED_RUN, DISTILLED_BASE, DISTILLED_LABEL = "uniform-kd", "uniform", "OFT + KD"
+# What a re-run may change: tasks, strategies and seeds may grow. Every other setting decides what
+# a finished step produced (the checkpoint frequency of training does not).
+_GROWING_FIELDS = ("tasks", "strategies", "seeds", "full_ft", "distill")
+
+
+def _offsite_training() -> TrainConfig:
+    return TrainConfig(train_samples=2000)
 
 
 @dataclass
-class OffsiteConfig:
-    """Everything that defines a table run (stored as ``RUN_DIR/config.json``)."""
+class OffsiteConfig(Settings):
+    """Everything that defines a table run (stored as ``RUN_DIR/config.json``).
 
-    model: str = DEFAULT_MODEL
-    tasks: list[str] = field(default_factory=lambda: ["piqa"])
-    strategies: list[str] = field(default_factory=lambda: ["uniform", "crash", "crash-share"])
-    full_ft: bool = True
-    distill: bool = False
-    k: int | None = None
-    trainable: int = plans.DEFAULT_TRAINABLE
-    similarity_samples: int = 128
-    train_samples: int | None = 2000
-    val_samples: int = 200
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    eval_every: int | None = None  # validation loss every K steps; None: once per epoch
-    eval_limit: int | None = 300
-    eval_split: str | None = None
-    seeds: list[int] = field(default_factory=lambda: [1])
-    distill_steps: int = 100
-    max_length: int = 256
+    ``train`` is the training of every adapter and full fine-tuning of the table; its task and
+    seed are set per run from ``tasks`` and ``seeds``.
+    """
+
+    kind: ClassVar[str] = "offsite"
+
+    model: str = setting(DEFAULT_MODEL, "Base model (alias, HF directory, .gguf file or hub id).")
+    tasks: list[str] = setting(help="Tasks (each needs a train split).", factory=lambda: ["piqa"])
+    strategies: list[str] = setting(help=f"Emulator strategies: {', '.join(STRATEGIES)}.",
+                                    factory=lambda: ["uniform", "crash", "crash-share"])
+    full_ft: bool = setting(True, "Include the full fine-tuning upper baseline.")
+    distill: bool = setting(False, "Add the OFT + KD row (the uniform emulator distilled on offline text).")
+    k: int | None = setting(None, "Kept layers per emulator. Default: half the layers.")
+    trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
+    similarity_samples: int = setting(128, "Training examples used for the CRaSh layer similarity.")
+    eval_limit: int | None = setting(300, "Evaluation items per task.")
+    eval_split: str | None = setting(None, "Evaluation split. Default: each task's paper split.")
+    seeds: list[int] = setting(help="Seeds of the trained rows.", factory=lambda: [1])
+    distill_steps: int = setting(100, "Distillation steps for --distill.")
+    train: TrainConfig = setting(help="Training of the adapters and of full fine-tuning.", factory=_offsite_training)
 
     def validate(self) -> None:
-        from crashlm.core.tasks import get_task
-        from crashlm.emulators.emulator import EMULATOR_STRATEGIES
-
         for task in self.tasks:
             spec = get_task(task)
             if "train" not in spec.splits():
                 raise UsageError(f"task {task} has no train split here (evaluation only); offsite needs trainable tasks")
             if self.eval_split is not None and self.eval_split not in spec.splits():
                 raise UsageError(f"task {task} has no {self.eval_split!r} split; available: {', '.join(spec.splits())}")
-        unknown = [s for s in self.strategies if s not in EMULATOR_STRATEGIES]
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
-            raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from {', '.join(EMULATOR_STRATEGIES)}")
+            raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
         if not self.strategies and not self.full_ft:
             raise UsageError("nothing to run: give strategies or --full-ft")
-        for name in ("trainable", "similarity_samples", "val_samples", "epochs", "batch_size", "grad_accum",
-                     "distill_steps", "max_length"):
-            if getattr(self, name) <= 0:
-                raise UsageError(f"{name.replace('_', '-')} must be positive")
-        for name in ("train_samples", "max_steps", "eval_every", "eval_limit", "k"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"{name.replace('_', '-')} must be positive")
+        if self.train.lora and self.full_ft:
+            raise UsageError("LoRA trains adapter layers, full fine-tuning trains every weight: drop --lora or add --no-full-ft")
+        self.check_positive("trainable", "similarity_samples", "distill_steps")
+        self.check_positive("eval_limit", "k", optional=True)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError("seeds must be distinct and at least one")
-        from crashlm.core.models import load_config
-
+        if self.tasks:
+            self.training(self.tasks[0], self.seeds[0]).validate()
         depth = load_config(self.model).num_hidden_layers  # a missing or unsupported model fails here, fast
         if self.strategies or self.distill:
             plans.check_k(plans.default_k(depth) if self.k is None else self.k, depth, self.trainable)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "OffsiteConfig":
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+    def training(self, task: str, seed: int) -> TrainConfig:
+        """The training settings of one (task, seed) run."""
+        return replace(self.train, task=task, seed=seed)
 
     def strategy_runs(self) -> list[str]:
         """Strategies to run, with the distilled uniform emulator (OFT + KD) when asked."""
-        return list(self.strategies) + (["uniform-kd"] if self.distill else [])
+        return list(self.strategies) + ([DISTILLED_RUN] if self.distill else [])
+
+
+def _fixed_settings(config: dict) -> dict:
+    fixed = {key: value for key, value in config.items() if key not in _GROWING_FIELDS}
+    if isinstance(fixed.get("train"), dict):
+        fixed["train"] = {key: value for key, value in fixed["train"].items() if key != "checkpoint_every"}
+    return fixed
 
 
 def _check_run_dir(run_dir: Path, config: OffsiteConfig) -> None:
     """A run directory belongs to one configuration; tasks, strategies and seeds may grow."""
     path = run_dir / "config.json"
     if path.exists():
-        old = read_json(path, "run configuration")
-        changed = [name for name in _FROZEN_FIELDS if old.get(name) != getattr(config, name)]
+        old, new = _fixed_settings(read_json(path, "run configuration")), _fixed_settings(config.to_dict())
+        changed = [name for name in new if old.get(name) != new[name]]
+        changed += [f"train.{name}" for name in new["train"] if isinstance(old.get("train"), dict)
+                    and old["train"].get(name) != new["train"][name]]
         if changed:
             raise UsageError(
                 f"{run_dir} holds a run with other settings ({', '.join(changed)}); choose another --out"
@@ -151,23 +151,14 @@ class Pipeline:
             work()
         return output
 
-    def _train_config(self, task: str, seed: int):
-        from crashlm.training.loop import TrainConfig
-
-        c = self.config
-        return TrainConfig(
-            task=task, train_samples=c.train_samples, val_samples=c.val_samples, epochs=c.epochs,
-            max_steps=c.max_steps, lr=c.lr, batch_size=c.batch_size, grad_accum=c.grad_accum, seed=seed,
-            eval_every=c.eval_every, max_length=c.max_length,
-        )
-
     def _evaluate(self, out: Path, task: str, **target) -> None:
-        from crashlm.emulators.plugin import load_target
+        from crashlm.emulators.targets import resolve_target
         from crashlm.evaluation.run import evaluate
 
-        model, tokenizer, description = load_target(**target)
+        resolved = resolve_target(**target)
+        model, tokenizer, description = resolved.model, resolved.tokenizer, resolved.description
         result = evaluate(model, tokenizer, [task], limit=self.config.eval_limit, split=self.config.eval_split,
-                          batch_size=16, description=description, max_length=self.config.max_length)
+                          batch_size=16, description=description, max_length=self.config.train.max_length)
         result.save(out)
 
     # -- steps -----------------------------------------------------------------------------
@@ -179,14 +170,14 @@ class Pipeline:
         if not c.full_ft:
             return
         from crashlm.core.models import load_model
-        from crashlm.training.loop import train_full
+        from crashlm.training.full import train_full
 
         for seed in c.seeds:
             seed_dir = self.run_dir / task / "full_ft" / f"seed{seed}"
 
             def train(seed=seed, seed_dir=seed_dir):
                 model, tokenizer = load_model(c.model)
-                train_full(model, tokenizer, self._train_config(task, seed), seed_dir / "model", resume=True)
+                train_full(model, tokenizer, self.config.training(task, seed), seed_dir / "model", resume=True)
 
             self._step(seed_dir / "model", f"{task}: full fine-tuning, seed {seed}", train)
             self._step(seed_dir / "eval.json", f"{task}: full FT evaluation, seed {seed}",
@@ -203,39 +194,37 @@ class Pipeline:
         path = self.run_dir / task / "similarity" / "similarity.json"
 
         def compute() -> None:
-            compute_similarity(c.model, task=task, samples=c.similarity_samples, split="train").save(path.parent)
+            compute_similarity(c.model, task=task, samples=c.similarity_samples, split=ANALYSIS_SPLIT).save(path.parent)
 
         self._step(path, f"{task}: layer similarity (CKA)", compute)
         return SimilarityResult.load(path)
 
     def strategy_rows(self, task: str, strategy: str) -> None:
         c = self.config
-        base = "uniform" if strategy == "uniform-kd" else strategy
+        base = get_strategy(DISTILLED_BASE if strategy == DISTILLED_RUN else strategy)
         sdir = self.run_dir / task / strategy
         bundle = sdir / "emulator"
 
         def build() -> None:
             from crashlm.core.models import load_model
             from crashlm.core.tasks import load_examples
-            from crashlm.emulators.emulator import (
-                build_emulator,
-                make_plan,
-                save_bundle,
-            )
+            from crashlm.emulators.bundle import save_bundle
+            from crashlm.emulators.emulator import build_emulator
             from crashlm.outputs.plotting import plot_clusters
 
-            similarity = None if base == "uniform" else self.similarity(task)
+            similarity = self.similarity(task) if SIMILARITY in base.needs else None
             model, tokenizer = load_model(c.model)
-            plan = make_plan(model, base, k=c.k, trainable=c.trainable, similarity=similarity, task=task, model_name=c.model)
+            plan = plan_for(model, base.name, k=c.k, trainable=c.trainable, similarity=similarity, task=task,
+                            model_name=c.model)
             plan.save(sdir / "plan.json")
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
-            emulator = build_emulator(model, tokenizer, plan, sharing=base == "crash-share")
-            if strategy == "uniform-kd":
-                from crashlm.training.loop import distill_emulator
+            emulator = build_emulator(model, tokenizer, base.spec(plan))
+            if strategy == DISTILLED_RUN:
+                from crashlm.emulators.distill import distill_emulator
 
                 teacher, _ = load_model(c.model)
-                texts = [ex.context for ex in load_examples("boolq", "train", limit=c.distill_steps * c.batch_size)]
-                emulator = distill_emulator(teacher, emulator, texts, steps=c.distill_steps, batch_size=c.batch_size)
+                texts = [ex.context for ex in load_examples("boolq", "train", limit=c.distill_steps * c.train.batch_size)]
+                emulator = distill_emulator(teacher, emulator, texts, steps=c.distill_steps, batch_size=c.train.batch_size)
             save_bundle(emulator, bundle)
 
         self._step(bundle, f"{task}: {strategy} emulator", build)
@@ -246,10 +235,10 @@ class Pipeline:
             adapter = seed_dir / "adapter"
 
             def train(seed=seed, adapter=adapter):
-                from crashlm.emulators.emulator import load_emulator
-                from crashlm.training.loop import train_adapter
+                from crashlm.emulators.bundle import load_emulator
+                from crashlm.emulators.finetune import train_adapter
 
-                train_adapter(load_emulator(bundle), self._train_config(task, seed), adapter, resume=True)
+                train_adapter(load_emulator(bundle), self.config.training(task, seed), adapter, resume=True)
 
             self._step(adapter, f"{task}: {strategy} adapter training, seed {seed}", train)
             self._step(seed_dir / "emu_ft.json", f"{task}: {strategy} emulator + adapter, seed {seed}",
@@ -310,7 +299,7 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     if config.full_ft:
         rows.append(_row("Full FT", collect(lambda s: f"full_ft/seed{s}/eval.json")))
     for strategy in config.strategy_runs():
-        label = STRATEGY_NAMES[strategy]
+        label = DISTILLED_LABEL if strategy == DISTILLED_RUN else get_strategy(strategy).label
         rows.append(_row(f"{label}, Emu ZS", collect(f"{strategy}/emu_zs.json")))
         rows.append(_row(f"{label}, Emu FT", collect(lambda s, st=strategy: f"{st}/seed{s}/emu_ft.json")))
         rows.append(_row(f"{label}, Plug-in", collect(lambda s, st=strategy: f"{st}/seed{s}/plugin.json")))

@@ -1,1 +1,1 @@
-"""The training engine: configuration, data, checkpoints, precision and the one loop."""
+"""The training engine: configuration, data, precision, checkpoints, the one loop, task training and full fine-tuning."""
