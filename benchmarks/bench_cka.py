@@ -163,7 +163,9 @@ def _mib(num_bytes: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small case (31 x 64 x 576; minibatch: 1,000 samples, B=256), < 1 min")
+    parser.add_argument(
+        "--quick", action="store_true", help="small case (31 x 64 x 576; minibatch: 1,000 samples, B=256), < 1 min"
+    )
     parser.add_argument("--layers", type=int, default=31, help="feature sets (embeddings + 30 layers). Default 31.")
     parser.add_argument("--samples", type=int, default=None, help="samples for the all-pairs comparison. Default 512.")
     parser.add_argument("--dim", type=int, default=576, help="feature width (SmolLM2-135M's). Default 576.")
@@ -183,8 +185,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     results = {}
     for estimator in ("biased", "unbiased"):
-        ours_s, ours = _timed(lambda: cka_matrix(features, estimator), args.repeats)
-        ref_s, ref = _timed(lambda: reference_cka(as_numpy, estimator))
+        ours_s, ours = _timed(lambda estimator=estimator: cka_matrix(features, estimator), args.repeats)
+        ref_s, ref = _timed(lambda estimator=estimator: reference_cka(as_numpy, estimator))
         diff = float(np.abs(ours.numpy() - ref).max())
         results[estimator] = {"ours_s": ours_s, "reference_s": ref_s, "speedup": ref_s / ours_s, "max_abs_diff": diff}
         print(f"  {estimator:8s} crashlm {ours_s:8.3f} s   per-pair reference {ref_s:8.2f} s   "

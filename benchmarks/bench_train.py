@@ -249,7 +249,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="small batch, few steps (< 1 min on 2 cores)")
     parser.add_argument("--model", default="smollm2-135m", help="model alias or directory (default smollm2-135m)")
     parser.add_argument("--random-init", action="store_true", help="random weights from the model's config (no files needed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if available)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--batch-size", type=int, help="rows per step (default 8; quick 2)")
     parser.add_argument("--seq-len", type=int, help="tokens per row (default 128; quick 64)")

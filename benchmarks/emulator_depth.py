@@ -83,7 +83,8 @@ def main() -> None:
     for k in ks:
         print(f"removed at K={k}: " + "; ".join(f"{s} {removed[s][k]}" for s in STRATEGIES if s != "crash-share"))
     print(json.dumps({"model": args.model, "task": args.task, "items": len(examples), "num_layers": depth,
-                      "full_loss": full, "loss_without_layer": without, "loss": {s: {str(k): v for k, v in r.items()} for s, r in rows.items()},
+                      "full_loss": full, "loss_without_layer": without,
+                      "loss": {s: {str(k): v for k, v in r.items()} for s, r in rows.items()},
                       "removed": {s: {str(k): v for k, v in r.items()} for s, r in removed.items()}}))
 
 

@@ -8,7 +8,25 @@ import pytest
 import torch
 import transformers
 
+from crashlm.core import assets
 from tests.tiny import TINY_ARCHS, save_tiny, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def no_real_assets_without_the_marker(request, monkeypatch, tmp_path_factory):
+    """A test not marked ``integration`` sees an empty asset cache and cannot download, in this
+    process or a CLI subprocess: ``make test-fast`` never fetches, and a test that needs the real
+    model or data fails at once, telling what to mark."""
+    if request.node.get_closest_marker("integration"):
+        return
+    monkeypatch.setenv("CRASHLM_CACHE", str(tmp_path_factory.getbasetemp() / "empty-asset-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+
+    def refuse(package, *args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} needs the real {package}: mark it integration")
+
+    monkeypatch.setattr(assets, "_pip_download", refuse)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,13 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from crashlm.cli import app\n    return app\n", encoding="utf-8")
     assert _imported_layers(module) == {(2, "cli")}
+
+
+def test_the_python_api_resolves_and_import_crashlm_stays_light():
+    import crashlm
+
+    assert all(getattr(crashlm, name) is not None for name in crashlm.__all__)
+    with pytest.raises(AttributeError):
+        crashlm.no_such_name  # noqa: B018
+    code = "import sys, crashlm; assert 'torch' not in sys.modules, 'import crashlm loaded torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from crashlm.analysis.similarity import compute_similarity
 from tests.tiny import CORPUS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_emulator_depth_reports_every_strategy_and_every_single_layer(tiny_llama_dir, tmp_path):
     similarity = compute_similarity(str(tiny_llama_dir), task="text", texts=CORPUS, samples=6, batch_size=4)
     path = similarity.save(tmp_path / "sim")

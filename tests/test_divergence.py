@@ -265,6 +265,7 @@ def test_cli_divergence_bad_inputs_exit_2_with_one_line(tiny_llama_dir, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_cli_cluster_by_lens_divergence(tiny_llama_dir, tmp_path, capsys):
     code, _, err = run_cli(["cluster", "--model", str(tiny_llama_dir), "--similarity-source", "lens", "--k", "4",
                             "--trainable", "2", "--samples", "3", "--out", str(tmp_path)], capsys)

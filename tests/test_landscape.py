@@ -239,6 +239,7 @@ def test_2d_anchors_off_the_grid_are_evaluated_too(dirs, direct, tmp_path):
     assert [a.loss for a in result.anchors] == pytest.approx([direct["a"], direct["b"], direct["c"]], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_interrupted_2d_run_resumes_without_recomputing(dirs, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=3, axis_range=(0, 1), limit=LIMIT)
     reference = on_models(landscape_2d, config, tmp_path / "reference")
@@ -267,6 +268,7 @@ def test_interrupted_2d_run_resumes_without_recomputing(dirs, tmp_path):
     assert again == []  # a finished run computes nothing
 
 
+@pytest.mark.integration
 def test_out_dir_of_another_landscape_or_not_ours_is_refused(dirs, tmp_path):
     config = Landscape1DConfig(a=dirs["a"], b=dirs["c"], task=TASK, points=2, limit=LIMIT)
     on_models(landscape_1d, config, tmp_path / "run")
@@ -282,6 +284,7 @@ def test_out_dir_of_another_landscape_or_not_ours_is_refused(dirs, tmp_path):
 # --- command line -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_cli_1d_end_to_end(dirs, tmp_path, capsys):
     out = tmp_path / "one"
     main(["landscape", "1d", "--a", dirs["a"], "--b", f"{dirs['a']}+{dirs['adapter']}", "--task", TASK,
@@ -292,6 +295,7 @@ def test_cli_1d_end_to_end(dirs, tmp_path, capsys):
     assert len(json.loads((out / RESULT_FILE).read_text())["losses"]) == 3
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("directions", ["models", "random-filter-norm"])
 def test_cli_2d_end_to_end(dirs, tmp_path, capsys, directions):
     out = tmp_path / "two"
@@ -306,17 +310,18 @@ def test_cli_2d_end_to_end(dirs, tmp_path, capsys, directions):
     assert [a["role"] for a in saved["anchors"]] == (["origin", "x", "y"] if directions == "models" else ["origin"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args, message",
     [
         (["1d", "--a", "{a}", "--b", "{b}", "--points", "1"], "--points must be an integer >= 2"),
-        (["1d", "--a", "{a}", "--b", "{b}", "--limit", "0"], "--limit must be an integer >= 1"),
+        (["1d", "--a", "{a}", "--b", "{b}", "--limit", "0"], "--limit must be a positive integer"),
         (["1d", "--a", "{a}", "--b", "{shallow}"], "different parameters"),
         (["1d", "--a", "{a}", "--b", "{a}/missing"], "missing"),
         (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{c}", "--range=2,1"], "LO < HI"),
         (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{c}", "--range=a,b"], "--range must be LO,HI"),
         (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{c}", "--range=1"], "--range must be LO,HI"),
-        (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{c}", "--directions", "sideways"], "unknown --directions"),
+        (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{c}", "--directions", "sideways"], "--directions must be one of"),
         (["2d", "--origin", "{a}", "--x", "{b}"], "needs both --x and --y"),
         (["2d", "--origin", "{a}", "--x", "{b}", "--y", "{wide}"], "cannot compare"),
     ],

@@ -30,6 +30,7 @@ def run(tmp_path_factory):
     return root / "run", args
 
 
+@pytest.mark.integration
 def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     run_dir, args = run
     code, stdout, _ = run_cli(args, capsys)
@@ -59,6 +60,7 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     assert json.loads((run_dir / "piqa/similarity/similarity.json").read_text())["split"] == "train"
 
 
+@pytest.mark.integration
 def test_offsite_rerun_skips_finished_steps_and_refuses_other_settings(run, capsys):
     run_dir, args = run
     if not (run_dir / "table.json").exists():  # the first test ran on another worker
@@ -73,6 +75,7 @@ def test_offsite_rerun_skips_finished_steps_and_refuses_other_settings(run, caps
     assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.integration
 def test_same_seed_gives_an_identical_table_and_identical_weights(run, tmp_path, capsys):
     run_dir, args = run
     if not (run_dir / "table.json").exists():  # the first test ran on another worker

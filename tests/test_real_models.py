@@ -67,7 +67,7 @@ def test_gemma3_pipeline_similarity_emulator_training_plugin(tmp_path, capsys):
     curve = [point["val_loss"] for point in adapter["validation_curve"]]
     # A K = 8 of 18 emulator is far from the model (its loss starts above 20 nats): only sanity here.
     assert len(curve) >= 2 and all(math.isfinite(loss) and loss > 0 for loss in curve)
-    assert adapter["sources"] == json.loads((tmp_path / "emu" / "crashlm.json").read_text())["plan"]["trainable"]
+    assert adapter["sources"] == json.loads((tmp_path / "emu" / "crashlm.json").read_text())["spec"]["plan"]["trainable"]
 
     code, _, stderr = run_cli(["plugin", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "plugged")], capsys)
     assert code == 0, stderr

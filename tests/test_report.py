@@ -61,7 +61,9 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed (make test installs them as root)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="Debian's chromium and chromium-driver are not installed (make test installs them as root)"
+)
 def test_report_renders_in_headless_chromium(run_dir: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -79,7 +81,8 @@ def test_report_renders_in_headless_chromium(run_dir: Path):
     try:
         driver.get(page.resolve().as_uri())
         sizes = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.naturalWidth, i.getBoundingClientRect().width, i.getBoundingClientRect().height]);"
+            "return Array.from(document.images)"
+            ".map(i => [i.naturalWidth, i.getBoundingClientRect().width, i.getBoundingClientRect().height]);"
         )
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         ARTIFACTS.mkdir(exist_ok=True)

@@ -97,7 +97,8 @@ def test_cka_is_not_invariant_to_a_general_invertible_linear_map():
 def test_biased_cka_matrix_is_symmetric_in_unit_interval_with_unit_diagonal(layers, seed, n, d):
     gen = torch.Generator().manual_seed(seed)
     # Independent layers, some with a large common offset (centring must remove it).
-    features = torch.randn(layers, n, d, generator=gen, dtype=torch.float64) + 50 * torch.rand(layers, 1, d, generator=gen, dtype=torch.float64)
+    features = (torch.randn(layers, n, d, generator=gen, dtype=torch.float64)
+                + 50 * torch.rand(layers, 1, d, generator=gen, dtype=torch.float64))
     matrix = cka_matrix(features)
     assert torch.allclose(matrix, matrix.T, atol=1e-12)
     assert torch.allclose(matrix.diagonal(), torch.ones(layers, dtype=torch.float64), atol=1e-12)
@@ -300,6 +301,7 @@ def test_rbf_cka_equals_an_independent_implementation(seed, n, d):
     assert torch.allclose(unbiased, unbiased.T, atol=1e-12)
 
 
+@pytest.mark.integration
 def test_similarity_samples_come_from_the_train_split_and_the_last_state_is_chosen(tiny_llama_dir):
     from crashlm.core.tasks import load_examples
 
@@ -392,7 +394,8 @@ def test_cli_on_a_text_file_and_several_models(tiny_llama_dir, tmp_path, capsys)
     second = save_tiny("llama", tmp_path / "tiny-llama-3", num_layers=3)
     out = tmp_path / "out"
     code, stdout, _ = run_similarity(
-        ["--models", f"{tiny_llama_dir},{second}", "--text", str(texts), "--samples", "6", "--batch-size", "4", "--out", str(out)],
+        ["--models", f"{tiny_llama_dir},{second}", "--text", str(texts), "--samples", "6", "--batch-size", "4",
+         "--out", str(out)],
         capsys,
     )
     assert code == 0, stdout

@@ -41,10 +41,13 @@ def test_example_text_and_target_use_one_space_delimiter():
     assert Example.from_dict(json.loads(json.dumps(example.to_dict()))) == example
 
 
-@pytest.mark.parametrize("task, question_field", [("arc_easy", "question"), ("openbookqa", "question_stem"), ("commonsense_qa", "question")])
+@pytest.mark.parametrize(
+    "task, question_field", [("arc_easy", "question"), ("openbookqa", "question_stem"), ("commonsense_qa", "question")]
+)
 def test_raw_and_preformatted_question_records_format_identically(task, question_field):
     spec = get_task(task)
-    raw = {question_field: "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]}, "answerKey": "2"}
+    raw = {question_field: "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["1", "2", "3"]},
+           "answerKey": "2"}
     request = {"query": "Question: Which is a gas?\nAnswer:", "choices": ["ice", "steam", "rock"], "gold": 1}
     expected = ("Question: Which is a gas?\nAnswer:", ["ice", "steam", "rock"], 1)
     assert spec.format_raw(raw) == expected
@@ -66,7 +69,8 @@ def test_boolq_request_drops_the_title_and_maps_yes_no_to_the_raw_order():
 
 
 def test_sciq_support_is_optional():
-    record = {"question": "What is H2O?", "support": "", "distractor1": "salt", "distractor2": "gold", "distractor3": "air", "correct_answer": "water"}
+    record = {"question": "What is H2O?", "support": "", "distractor1": "salt", "distractor2": "gold", "distractor3": "air",
+              "correct_answer": "water"}
     assert get_task("sciq").format_raw(record) == ("Question: What is H2O?\nAnswer:", ["salt", "gold", "air", "water"], 3)
     context, _, _ = get_task("sciq").format_raw({**record, "support": " Water is H2O. "})
     assert context == "Water is H2O.\nQuestion: What is H2O?\nAnswer:"

@@ -130,6 +130,7 @@ def test_config_round_trip_and_validation():
         TrainConfig.from_dict({"task": "piqa", "learning_rate": 1.0})
 
 
+@pytest.mark.integration
 def test_validation_docs_are_fixed_held_out_train_docs():
     train_a, val_a = split_examples(tiny_config(seed=1, train_samples=50, val_samples=20))
     train_b, val_b = split_examples(tiny_config(seed=7, train_samples=None, val_samples=20))
@@ -146,6 +147,7 @@ def test_validation_docs_are_fixed_held_out_train_docs():
 # Adapter training and plug-in
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch, strategy, share_trainable", [
     ("llama", "crash-share", True), ("gpt2", "uniform", False), ("opt", "crash", False), ("gpt_neox", "crash-share", False),
 ])
@@ -196,6 +198,7 @@ def _prefix(model) -> str:
     return arch_spec(model).layers + "."
 
 
+@pytest.mark.integration
 def test_best_checkpoint_by_validation_loss_is_what_gets_saved(tmp_path, monkeypatch):
     _, emulator = full_and_emulator("llama", "uniform")
     scripted = iter([5.0, 3.0, 1.0, 2.0])  # steps 0, 2, 4, 6: step 4 is best
@@ -218,6 +221,7 @@ def test_best_checkpoint_by_validation_loss_is_what_gets_saved(tmp_path, monkeyp
     assert any(not torch.equal(saved[k], seen[6][p]) for k, p in names.items())
 
 
+@pytest.mark.integration
 def test_untrained_weights_are_only_a_reference(tmp_path, monkeypatch):
     _, emulator = full_and_emulator("llama", "uniform")
     scripted = iter([1.0, 2.0, 3.0])  # training only makes it worse: the best TRAINED step is kept
@@ -226,6 +230,7 @@ def test_untrained_weights_are_only_a_reference(tmp_path, monkeypatch):
     assert meta["training"]["best_step"] == 2 and meta["training"]["initial_val_loss"] == 1.0
 
 
+@pytest.mark.integration
 def test_same_seed_is_bit_identical_and_seed_matters(tmp_path, bundle, monkeypatch):
     # bf16 autocast even where it is emulated (and slow): its path must be deterministic too.
     monkeypatch.setattr(runtime, "use_bf16", lambda requested, device: requested)
@@ -238,6 +243,7 @@ def test_same_seed_is_bit_identical_and_seed_matters(tmp_path, bundle, monkeypat
     assert adapter_bytes(a) != adapter_bytes(c)
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_keeps_checkpoint_and_resumes(tmp_path, bundle, monkeypatch):
     config = tiny_config(max_steps=6, checkpoint_every=1)
     reference = train_adapter(load_emulator(bundle), config, tmp_path / "reference")
@@ -264,6 +270,7 @@ def test_nan_loss_stops_keeps_checkpoint_and_resumes(tmp_path, bundle, monkeypat
     assert not checkpoint_dir(out).exists()
 
 
+@pytest.mark.integration
 def test_resume_refuses_other_settings(tmp_path, bundle, monkeypatch):
     out = tmp_path / "adapter"
     monkeypatch.setattr(task, "batch_answer_loss", lambda model, batch: torch.tensor(float("inf"), requires_grad=True))
@@ -274,6 +281,7 @@ def test_resume_refuses_other_settings(tmp_path, bundle, monkeypatch):
         train_adapter(load_emulator(bundle), tiny_config(lr=5e-4), out, resume=True)
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_is_bit_identical(tmp_path, bundle):
     """The CLI killed with SIGKILL after a checkpoint, rerun with --resume: the same adapter bytes."""
     config = tiny_config(max_steps=40, batch_size=2, max_length=32, checkpoint_every=2, eval_every=10, bf16=True, seed=3)
@@ -308,6 +316,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, bundle):
 # LoRA, full fine-tuning, distillation
 
 
+@pytest.mark.integration
 def test_lora_is_merged_into_plain_layer_weights(tmp_path):
     _, emulator = full_and_emulator("llama", "uniform")
     before = snapshot(emulator.model)
@@ -334,6 +343,7 @@ def test_lora_is_merged_into_plain_layer_weights(tmp_path):
                               emulator.model(**batch(emulator.tokenizer)).logits, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_full_finetuning_writes_a_loadable_hf_model(tmp_path):
     model, tokenizer = tiny_model("opt", L)
     before = snapshot(model)
@@ -444,6 +454,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_with_doubled_accumulation(tmp_path, bundle):
     """`accelerate launch` with the shipped 2-process CPU config (gloo) vs one process, grad-accum 2."""
     common = ["--emulator", str(bundle), "--task", "arc_easy", "--train-samples", "32", "--val-samples", "8",
@@ -463,6 +474,7 @@ def test_two_processes_match_one_with_doubled_accumulation(tmp_path, bundle):
         pytest.approx([p["val_loss"] for p in one_meta["validation_curve"]], rel=1e-5)
 
 
+@pytest.mark.integration
 def test_cli_train_and_usage_errors(tmp_path, bundle, capsys):
     out = tmp_path / "adapter"
     main(["train", "--emulator", str(bundle), "--task", "arc_easy", "--train-samples", "16", "--val-samples", "8",
@@ -485,6 +497,7 @@ def test_cli_train_and_usage_errors(tmp_path, bundle, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_cli_full_finetuning_and_distill(tmp_path, bundle, capsys):
     teacher = save_tiny("llama", tmp_path / "teacher", L)  # the bundle's base model (same seeded weights)
     main(["train", "--model", str(teacher), "--full", "--task", "arc_easy", "--train-samples", "8", "--val-samples",

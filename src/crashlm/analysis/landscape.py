@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -41,6 +41,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
 from crashlm.core.models import fingerprint
 from crashlm.core.scoring import mean_answer_loss
+from crashlm.core.settings import Settings
 from crashlm.core.tasks import load_examples
 
 DIRECTIONS = ("models", "random-filter-norm")
@@ -53,26 +54,23 @@ RESULT_FILE = "landscape.json"
 # Configurations and results
 
 
-def _check_int(value: Any, what: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
-
-
-class _Config:
-    """to_dict/from_dict and the checks shared by both configurations."""
+class _Config(Settings):
+    """The file form (with its ``kind``) and the checks shared by both configurations."""
 
     kind: ClassVar[str]
+    what: ClassVar[str] = "landscape"
 
     def _validate_common(self) -> None:
-        _check_int(self.limit, "--limit", 1)
-        _check_int(self.max_length, "--max-length", 1)
+        self.check_positive("limit", "max_length")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **asdict(self)}
+        return {"kind": self.kind, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        if not isinstance(data, dict) or data.get("kind", cls.kind) != cls.kind:
+            raise UsageError(f"not a {cls.kind} landscape configuration")
+        return super().from_dict({key: value for key, value in data.items() if key != "kind"})
 
 
 @dataclass
@@ -89,7 +87,7 @@ class Landscape1DConfig(_Config):
     max_length: int = 512
 
     def validate(self) -> None:
-        _check_int(self.points, "--points", 2)
+        self.check_positive("points", minimum=2)
         self._validate_common()
 
     @property
@@ -126,14 +124,13 @@ class Landscape2DConfig(_Config):
         self.axis_range = list(self.axis_range)  # a list, as JSON gives it back
 
     def validate(self) -> None:
-        if self.directions not in DIRECTIONS:
-            raise UsageError(f"unknown --directions {self.directions!r}; choose one of {', '.join(DIRECTIONS)}")
+        self.check_choice("directions", DIRECTIONS)
         if self.directions == "models" and (self.x is None or self.y is None):
             raise UsageError("--directions models needs both --x and --y models")
         if self.directions != "models" and (self.x is not None or self.y is not None):
             raise UsageError(f"--directions {self.directions} takes no --x/--y models")
-        _check_int(self.grid, "--grid", 2)
-        _check_int(self.seed, "--seed", 0)
+        self.check_positive("grid", minimum=2)
+        self.check_positive("seed", minimum=0)
         lo_hi = self.axis_range
         if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi) or lo_hi[0] >= lo_hi[1]:
             raise UsageError(f"--range must be two finite numbers LO,HI with LO < HI, got {lo_hi!r}")
@@ -277,7 +274,8 @@ def _run(
 
     Returns the losses by point and the result's common fields (anchors, examples, fingerprints).
     """
-    _check_int(batch_size, "--batch-size", 1)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
     out_dir = Path(out_dir)
     examples = load_examples(config.task, "validation", config.limit)
 

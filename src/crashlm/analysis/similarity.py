@@ -42,6 +42,7 @@ from crashlm.core.models import (
     capture_layer_io,
     default_device,
     get_final_norm,
+    load_config,
     load_model,
 )
 from crashlm.core.scoring import encode_text, pad_batch, pad_token_id
@@ -207,7 +208,9 @@ def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: s
     return grams
 
 
-def hsic_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear") -> torch.Tensor:
+def hsic_matrix(
+    features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear"
+) -> torch.Tensor:
     """HSIC of every pair of M feature sets [N, D_m], as an [M, M] float64 matrix.
 
     Biased: HSIC_0 = <HKH, HLH> / (n - 1)^2. Unbiased: HSIC_1 (Song et al. 2012). All pairs
@@ -226,7 +229,9 @@ def _normalise(hsic: torch.Tensor) -> torch.Tensor:
     return hsic / (norms[:, None] * norms[None, :])
 
 
-def cka_matrix(features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear") -> torch.Tensor:
+def cka_matrix(
+    features: torch.Tensor | Sequence[torch.Tensor], estimator: str = "biased", kernel: str = "linear"
+) -> torch.Tensor:
     """CKA of every pair of M feature sets ([M, N, D] or M matrices [N, D_m]) -> [M, M]."""
     return _normalise(hsic_matrix(features, estimator, kernel))
 
@@ -432,8 +437,13 @@ def compute_similarity(
         if estimator != "unbiased":
             raise UsageError("minibatch CKA needs the unbiased estimator (biased HSIC does not average over batches)")
         if kernel != "linear":
-            raise UsageError("minibatch CKA uses the linear kernel (an RBF bandwidth from each batch's median would differ per batch)")
+            raise UsageError(
+                "minibatch CKA uses the linear kernel (an RBF bandwidth from each batch's median would differ per batch)"
+            )
+    if device is not None and device_map is not None:
+        raise UsageError("give a device or a device map, not both")
     if texts is None:
+        load_config(model_spec)  # a missing or unsupported model fails before any data is read
         texts = [example.text for example in load_examples(task, split=split, limit=samples)]
     else:
         split = None
@@ -443,8 +453,6 @@ def compute_similarity(
     if len(texts) < MIN_SAMPLES:
         raise UsageError(f"CKA needs at least {MIN_SAMPLES} text samples, got {len(texts)}")
 
-    if device is not None and device_map is not None:
-        raise UsageError("give a device or a device map, not both")
     device = torch.device(device) if device is not None else default_device()
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, device_map=device_map)
     if device_map is not None:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_path
@@ -54,8 +55,6 @@ def _check_compatible(params: dict[str, nn.Parameter], other: dict[str, nn.Param
 
 def _filter_axis(model: nn.Module) -> dict[str, int]:
     """Parameters whose filters lie along dim 1: GPT-2's Conv1D stores its weight as [in, out]."""
-    from transformers.pytorch_utils import Conv1D
-
     return {f"{name}.weight": 1 for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 

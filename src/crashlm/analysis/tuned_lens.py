@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,47 +18,36 @@ from torch import nn
 
 from crashlm.analysis.lens import TunedLens, batch_states, decode, encode_texts
 from crashlm.core.errors import UsageError
+from crashlm.core.settings import Settings, setting
 from crashlm.training.loop import TrainingLoop
 from crashlm.training.runtime import accelerator
 
 
 @dataclass
-class LensTrainConfig:
+class LensTrainConfig(Settings):
     """How a tuned lens is trained: AdamW on KL(final || lens), summed over the translators.
 
     The defaults fit a CPU: a few hundred short batches. The learning rate warms up linearly
     over ``warmup_steps`` and then decays with a cosine to zero.
     """
 
-    steps: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    max_length: int = 128
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    seed: int = 0
+    what: ClassVar[str] = "lens training"
+
+    steps: int = setting(200, "Optimizer steps.")
+    lr: float = setting(1e-3, "Peak learning rate of AdamW.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    batch_size: int = setting(4, "Texts per step.")
+    max_length: int = setting(128, "Truncate texts to this many tokens.")
+    warmup_steps: int = setting(20, "Steps of linear learning-rate warmup (at most a tenth of --steps on the command line).")
+    max_grad_norm: float = setting(1.0, "Gradient norm clipping.")
+    seed: int = setting(0, "Seed of the text order.")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"lens training: {name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"lens training: lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
-            raise UsageError("lens training: warmup_steps and weight_decay must be >= 0, max_grad_norm > 0")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LensTrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise UsageError(f"lens training: unknown settings {', '.join(sorted(unknown))}")
-        return cls(**data)
+        self.check_positive("steps", "batch_size", "max_length")
+        self.check_positive("warmup_steps", minimum=0)
+        self.check_number("lr", open_low=True)
+        self.check_number("weight_decay")
+        self.check_number("max_grad_norm", open_low=True)
 
 
 @contextlib.contextmanager

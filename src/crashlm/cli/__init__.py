@@ -8,6 +8,7 @@ Each command group lives in its own module and registers itself on :data:`app`. 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 
@@ -15,6 +16,7 @@ import typer
 
 from crashlm.cli._common import console, err_console, state
 from crashlm.core.errors import CrashlmError
+from crashlm.core.reproducibility import make_deterministic
 from crashlm.core.settings import SettingError
 
 app = typer.Typer(
@@ -36,21 +38,19 @@ def _root(
 ) -> None:
     state.debug = debug
     if deterministic:
-        from crashlm.core.reproducibility import make_deterministic
-
         make_deterministic()
+
+
+_COMMAND_MODULES = (
+    "fetch", "models", "tasks", "similarity", "cluster", "emulator", "offsite", "plugin", "lens", "landscape", "report",
+    "train", "eval",
+)
 
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    import importlib
-
-    for name in ("fetch", "models", "tasks", "similarity", "cluster", "emulator", "offsite", "plugin", "lens", "landscape", "report", "train", "eval"):
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}")
 
 
 _register()

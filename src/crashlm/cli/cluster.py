@@ -6,13 +6,17 @@ from pathlib import Path
 
 import typer
 
+from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 from crashlm.cli import app
 from crashlm.cli._common import console, parse_dtype, positive
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_files, check_output_dir
+from crashlm.core.models import load_config, load_model
 from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators import plans
+from crashlm.emulators.strategies import SIMILARITY, SIMILARITY_SOURCES, get_strategy, plan_for
+from crashlm.outputs.plotting import plot_clusters
 
 # What marks --out as crashlm's: an earlier plan, or the similarity the plan is made from.
 OUT_MARKERS = ("plan.json", "similarity.json")
@@ -21,30 +25,31 @@ OUT_MARKERS = ("plan.json", "similarity.json")
 @app.command()
 def cluster(
     out: Path = typer.Option(..., "--out", help="Output directory (plan.json, clusters.png)."),
-    model: str = typer.Option(None, "--model", help=f"Model (alias, HF dir, .gguf, hub id). Default: the similarity file's model, else {DEFAULT_MODEL}."),
-    k: int = typer.Option(None, "--k", help="Number of kept layers K. Default: half the layers, rounded (the paper's emulator size)."),
+    model: str = typer.Option(
+        None, "--model",
+        help=f"Model (alias, HF dir, .gguf, hub id). Default: the similarity file's model, else {DEFAULT_MODEL}.",
+    ),
+    k: int = typer.Option(
+        None, "--k", help="Number of kept layers K. Default: half the layers, rounded (the paper's emulator size)."
+    ),
     strategy: str = typer.Option("crash", "--strategy", help="crash (cluster by similarity) or uniform (Offsite-Tuning drop)."),
     trainable: int = typer.Option(plans.DEFAULT_TRAINABLE, "--trainable", help="Number of trainable (adapter) layers."),
     auto: bool = typer.Option(False, "--auto", help="Pick K at the largest gap of the adjacent-layer dissimilarities."),
     similarity: Path = typer.Option(None, "--similarity", help="A similarity.json from `crashlm similarity` (else computed)."),
-    similarity_source: str = typer.Option("cka", "--similarity-source", help="cka (linear CKA) or lens (1 - normalised JS divergence of logit-lens distributions)."),
+    similarity_source: str = typer.Option(
+        "cka", "--similarity-source",
+        help="cka (linear CKA) or lens (1 - normalised JS divergence of logit-lens distributions).",
+    ),
     task: str = typer.Option("piqa", "--task", help="Task whose examples drive the similarity."),
-    split: str = typer.Option(ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."),
+    split: str = typer.Option(
+        ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."
+    ),
     samples: int = typer.Option(512, "--samples", help="Number of examples for the similarity."),
     pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
     batch_size: int = typer.Option(16, "--batch-size", help="Forward batch size."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights / autocast dtype: float32 or bfloat16 (same fingerprint)."),
 ) -> None:
     """Cluster layers by similarity and keep one per cluster (CRaSh), or drop uniformly (OFT)."""
-    from crashlm.analysis.similarity import SimilarityResult, compute_similarity
-    from crashlm.core.models import load_config, load_model
-    from crashlm.emulators.strategies import (
-        SIMILARITY,
-        SIMILARITY_SOURCES,
-        get_strategy,
-        plan_for,
-    )
-
     reads_similarity = SIMILARITY in get_strategy(strategy).needs
     if similarity_source not in SIMILARITY_SOURCES:
         raise UsageError(f"unknown similarity source {similarity_source!r}; choose {' or '.join(SIMILARITY_SOURCES)}")
@@ -68,8 +73,6 @@ def cluster(
     plan = plan_for(full_model, strategy, k, trainable, sim, auto=auto, model_name=model_spec, tokenizer=tokenizer,
                     source=similarity_source, task=task, split=split, samples=samples, batch_size=batch_size)
     depth, matrix = plan.num_layers, sim.cka if sim is not None else None
-
-    from crashlm.outputs.plotting import plot_clusters
 
     with atomic_files(out, OUT_MARKERS) as staging:  # all files or none
         if sim is not None and similarity is None:

@@ -7,13 +7,18 @@ from typing import Optional
 
 import typer
 
+from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import app
 from crashlm.cli._common import DTYPES, console, parse_dtype, positive
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import check_output_dir
+from crashlm.core.models import load_model
 from crashlm.core.tasks import ANALYSIS_SPLIT
-from crashlm.emulators.plans import DEFAULT_TRAINABLE
+from crashlm.emulators.bundle import save_bundle
+from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.plans import DEFAULT_TRAINABLE, EmulatorSpec, LayerPlan, Sharing
+from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for
 
 
 @app.command()
@@ -38,23 +43,14 @@ def emulator(
         None, "--similarity", help="A similarity.json from `crashlm similarity` (crash strategies; else computed)."
     ),
     task: str = typer.Option("piqa", "--task", help="Task whose examples drive the similarity."),
-    split: str = typer.Option(ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."),
+    split: str = typer.Option(
+        ANALYSIS_SPLIT, "--split", help="The task's split they come from (default train: no evaluation item)."
+    ),
     samples: int = typer.Option(512, "--samples", help="Examples for the similarity (at least 4)."),
     pooling: str = typer.Option("mean_weighted", "--pooling", help="Token pooling for CKA: mean, mean_weighted, last, max."),
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype of the bundle: {', '.join(DTYPES)}."),
 ) -> None:
     """Build an emulator from a layer plan and save its bundle (no removed layer's weights)."""
-    from crashlm.core.models import load_model
-    from crashlm.emulators.bundle import save_bundle
-    from crashlm.emulators.emulator import build_emulator
-    from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing
-    from crashlm.emulators.strategies import (
-        SIMILARITY,
-        STRATEGIES,
-        get_strategy,
-        plan_for,
-    )
-
     entry = get_strategy(strategy)
     check_output_dir(out)  # refuse a directory that is not ours before any work
     positive(k, "--k")
@@ -72,8 +68,6 @@ def emulator(
     layer_plan = LayerPlan.load(plan) if plan is not None else None
     sim = None
     if similarity is not None:
-        from crashlm.analysis.similarity import SimilarityResult
-
         sim = SimilarityResult.load(similarity)
     spec = model or (layer_plan.model if layer_plan else None) or DEFAULT_MODEL
 

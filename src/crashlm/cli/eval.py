@@ -11,6 +11,9 @@ from rich.table import Table
 from crashlm.cli import app
 from crashlm.cli._common import DTYPES, console, parse_list, positive
 from crashlm.core.errors import UsageError
+from crashlm.core.io import check_output_file
+from crashlm.core.models import default_device
+from crashlm.emulators.targets import resolve_target
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -19,7 +22,8 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 def eval_command(
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated tasks, e.g. piqa,arc_easy (see `crashlm tasks`)."),
     model: Optional[str] = typer.Option(
-        None, "--model", help="Model alias, HF directory, .gguf, hub id, emulator bundle or SPEC+ADAPTER_DIR. Default: smollm2-135m."
+        None, "--model",
+        help="Model alias, HF directory, .gguf, hub id, emulator bundle or SPEC+ADAPTER_DIR. Default: smollm2-135m.",
     ),
     emulator: Optional[str] = typer.Option(None, "--emulator", help="Emulator bundle directory to evaluate instead of a model."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Adapter directory plugged into the model or the emulator."),
@@ -38,9 +42,7 @@ def eval_command(
     out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
 ) -> None:
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
-    from crashlm.core.io import check_output_file
-    from crashlm.core.models import default_device
-    from crashlm.emulators.targets import resolve_target
+    # here: crashlm.evaluation pulls in lm-eval and datasets (0.6 s) on every command otherwise
     from crashlm.evaluation.run import evaluate, resolve_splits
 
     if dtype not in DTYPE_CHOICES:

@@ -8,12 +8,19 @@ from typing import List, Optional
 
 import typer
 
+from crashlm.analysis.divergence import MEASURES, adjacent_similarity, compute_divergence
 from crashlm.analysis.divergence import RESULT_FILE as DIVERGENCE_FILE
+from crashlm.analysis.lens import LENS_KINDS, TunedLens, emulator_depth, lens_statistics, trajectory
 from crashlm.cli import app
 from crashlm.cli._common import console, positive
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_files, check_output_dir, read_text_lines, write_json
+from crashlm.core.models import default_device
+from crashlm.core.tasks import load_examples
+from crashlm.emulators.bundle import read_manifest
+from crashlm.emulators.targets import resolve_target
+from crashlm.outputs.plotting import plot_divergence, plot_lens_curves, plot_trajectory
 
 LENS_FILE = "lens.json"
 DEFAULT_PROMPT = "The capital of France is Paris, and the capital of Germany is Berlin."
@@ -41,15 +48,11 @@ def _texts(task: str, text: Optional[Path], samples: int, split: str, seed: int 
     positive(samples, "--samples", allow_none=False)
     if text is not None:
         return read_text_lines(text, "--text file")[:samples], f"text:{text.name}"
-    from crashlm.core.tasks import load_examples
-
     return [example.text for example in load_examples(task, split, limit=samples, seed=seed)], task
 
 
 def _read_lens(kind: str, path: Optional[Path]):
     """The tuned lens of ``--lens tuned --lens-path P``, or None for the logit lens."""
-    from crashlm.analysis.lens import LENS_KINDS, TunedLens
-
     if kind not in LENS_KINDS:
         raise UsageError(f"unknown lens {kind!r}; choose one of {', '.join(LENS_KINDS)}")
     if kind == "logit":
@@ -63,9 +66,6 @@ def _read_lens(kind: str, path: Optional[Path]):
 
 def _load_full(spec: str, device: Optional[str], lens):
     """``(model, tokenizer, base fingerprint)`` of ``--model``, refusing a lens trained on another model."""
-    from crashlm.core.models import default_device
-    from crashlm.emulators.targets import resolve_target
-
     target = resolve_target(model=spec, device=device or default_device())
     if lens is not None:
         lens.check_base(target.base_fingerprint)
@@ -75,9 +75,6 @@ def _load_full(spec: str, device: Optional[str], lens):
 
 def _load_emulator(path: Path, device: Optional[str], base: str | None, lens):
     """An emulator bundle made from the full model with fingerprint ``base`` (when given)."""
-    from crashlm.core.models import default_device
-    from crashlm.emulators.targets import resolve_target
-
     emulator = resolve_target(emulator=str(path), device=device or default_device()).emulator
     if base is not None and emulator.base_fingerprint not in (None, base):
         raise UsageError(f"emulator {path} was built from another model (fingerprint {emulator.base_fingerprint}, "
@@ -118,7 +115,9 @@ def lens(
     task: str = typer.Option("piqa", "--task", help=_TASK_HELP.format(split="validation")),
     text: Optional[Path] = typer.Option(None, "--text", help=_TEXT_HELP),
     samples: int = typer.Option(32, "--samples", help="Number of texts the statistics average over."),
-    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help=f"Prompt of the trajectory figure (first {PROMPT_TOKENS} tokens)."),
+    prompt: str = typer.Option(
+        DEFAULT_PROMPT, "--prompt", help=f"Prompt of the trajectory figure (first {PROMPT_TOKENS} tokens)."
+    ),
     max_length: int = typer.Option(512, "--max-length", help="Truncate texts to this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
@@ -131,10 +130,6 @@ def lens(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from crashlm.analysis.lens import emulator_depth, lens_statistics, trajectory
-    from crashlm.emulators.bundle import read_manifest
-    from crashlm.outputs.plotting import plot_lens_curves, plot_trajectory
-
     positive(max_length, "--max-length", allow_none=False)
     positive(batch_size, "--batch-size", allow_none=False)
     if not prompt.strip():
@@ -198,6 +193,7 @@ def train(
     One residual affine translator per layer, zero-initialised (so it starts as the logit lens),
     minimising KL(model output || lens).
     """
+    # here: crashlm.analysis.tuned_lens pulls in peft (1.5 s, via the training loop) on every command otherwise
     from crashlm.analysis.tuned_lens import LensTrainConfig, train_tuned_lens
 
     config = LensTrainConfig(steps=steps, lr=lr, batch_size=batch_size, max_length=max_length,
@@ -214,7 +210,9 @@ def train(
 
 @app.command()
 def divergence(
-    model: Optional[str] = typer.Option(None, "--model", help=f"Model: alias, HF directory, .gguf file or hub id (default {DEFAULT_MODEL})."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help=f"Model: alias, HF directory, .gguf file or hub id (default {DEFAULT_MODEL})."
+    ),
     emulator: Optional[Path] = typer.Option(None, "--emulator", help="Analyse this emulator bundle instead of --model."),
     lens_kind: str = typer.Option("logit", "--lens", help=_LENS_HELP),
     lens_path: Optional[Path] = typer.Option(None, "--lens-path", help=_LENS_PATH_HELP),
@@ -224,21 +222,15 @@ def divergence(
     max_length: int = typer.Option(512, "--max-length", help="Truncate texts to this many tokens."),
     batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
-    out: Path = typer.Option(Path("runs/divergence"), "--out", help="Output directory: divergence.json, divergence_<measure>.png."),
+    out: Path = typer.Option(
+        Path("runs/divergence"), "--out", help="Output directory: divergence.json, divergence_<measure>.png."
+    ),
 ) -> None:
     """Layer-to-layer divergence of the lens distributions: L x L matrices and heatmaps.
 
     Jensen-Shannon, KL, Hellinger, L2 and cosine distance between the layers' next-token
     distributions (probabilities), averaged over every token of the texts.
     """
-    from crashlm.analysis.divergence import (
-        MEASURES,
-        adjacent_similarity,
-        compute_divergence,
-    )
-    from crashlm.analysis.lens import emulator_depth
-    from crashlm.outputs.plotting import plot_divergence
-
     if model is not None and emulator is not None:
         raise UsageError("give --model or --emulator, not both")
     check_output_dir(out, (DIVERGENCE_FILE,))

@@ -10,7 +10,8 @@ import typer
 from crashlm.cli import app
 from crashlm.cli._common import DTYPES, console, parse_dtype
 from crashlm.core.assets import DEFAULT_MODEL
-from crashlm.core.io import check_output_dir
+from crashlm.core.io import check_output_dir, read_json
+from crashlm.emulators.plugin import PLUGIN_META, plug_in
 
 
 @app.command()
@@ -23,9 +24,6 @@ def plugin(
     dtype: str = typer.Option("float32", "--dtype", help=f"Weights dtype: {', '.join(DTYPES)}."),
 ) -> None:
     """Plug a trained adapter into the full model at its original layers and save the model."""
-    from crashlm.core.io import read_json
-    from crashlm.emulators.plugin import PLUGIN_META, plug_in
-
     check_output_dir(out)
     plug_in(model, adapter, out, dtype=parse_dtype(dtype))
     record = read_json(out / PLUGIN_META, "plug-in record")

@@ -68,7 +68,9 @@ def similarity(
     estimator: Optional[str] = typer.Option(
         None, "--estimator", help=f"HSIC estimator: {', '.join(ESTIMATORS)} (default biased; unbiased with --minibatch)."
     ),
-    kernel: str = typer.Option("linear", "--kernel", help=f"CKA kernel: {', '.join(KERNELS)} (rbf: sigma by the median heuristic)."),
+    kernel: str = typer.Option(
+        "linear", "--kernel", help=f"CKA kernel: {', '.join(KERNELS)} (rbf: sigma by the median heuristic)."
+    ),
     last_state: str = typer.Option(
         "norm", "--last-state", help="Last layer's state: norm (final-norm output, as output_hidden_states and the paper) or raw."
     ),

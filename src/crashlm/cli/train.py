@@ -10,20 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
+from accelerate import PartialState
 
 from crashlm.cli import app
 from crashlm.cli._common import console
 from crashlm.cli._settings import with_settings
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
+from crashlm.core.io import read_json
+from crashlm.core.models import load_model
+from crashlm.core.tasks import load_examples
+from crashlm.emulators.bundle import load_emulator, save_bundle
+from crashlm.emulators.plugin import ADAPTER_META
+from crashlm.training.checkpoint import checkpoint_dir
 from crashlm.training.config import TrainConfig
 
 
 def _print(text: str) -> None:
-    import torch
-    from accelerate import PartialState
-
     # The same cpu flag as the training's Accelerator: the first PartialState fixes the backend.
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -37,15 +42,15 @@ def train(
     emulator: Optional[Path] = typer.Option(None, "--emulator", help="Emulator bundle whose adapter layers train."),
     model: Optional[str] = typer.Option(None, "--model", help="Full model to fine-tune entirely (needs --full)."),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning of --model (the Full FT baseline)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run kept in OUT.partial (starts fresh when there is none)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run kept in OUT.partial (starts fresh when there is none)."
+    ),
     *,
     config: TrainConfig,
 ) -> None:
     """Train adapter layers on an emulator, or fine-tune a full model; keep the best checkpoint by validation loss."""
-    from crashlm.core.io import read_json
+    # here: both pull in peft (1.5 s, via the training loop) on every command otherwise
     from crashlm.emulators.finetune import train_adapter
-    from crashlm.emulators.plugin import ADAPTER_META
-    from crashlm.training.checkpoint import checkpoint_dir
     from crashlm.training.full import TRAINING_META, train_full
 
     if (emulator is None) == (model is None):
@@ -61,14 +66,10 @@ def train(
     if resume and checkpoint_dir(out).exists():
         _print(f"resuming from {checkpoint_dir(out)}")
     if emulator is not None:
-        from crashlm.emulators.bundle import load_emulator
-
         emu = load_emulator(emulator)
         train_adapter(emu, config, out, resume=resume)
         meta_name, what = ADAPTER_META, f"adapter layers {sorted(emu.adapter_layers())} of {emulator}"
     else:
-        from crashlm.core.models import load_model
-
         full_model, tokenizer = load_model(model)
         train_full(full_model, tokenizer, config, out, resume=resume)
         meta_name, what = TRAINING_META, f"all weights of {model}"
@@ -97,12 +98,12 @@ def distill(
     text_task: str = typer.Option("boolq", "--text-task", help="Task whose TRAIN contexts are the distillation text."),
     max_length: int = typer.Option(256, "--max-length", help="Truncate texts to this many tokens."),
     seed: int = typer.Option(1, "--seed", help="Seed of the text order."),
-    no_bf16: bool = typer.Option(False, "--no-bf16", help="Run in fp32. Default: bf16 autocast where the device has native bf16, else fp32."),
+    no_bf16: bool = typer.Option(
+        False, "--no-bf16", help="Run in fp32. Default: bf16 autocast where the device has native bf16, else fp32."
+    ),
 ) -> None:
     """OFT knowledge distillation of an emulator from the full model: 1.0 * LM + 30 * KD (Xiao et al. 2023)."""
-    from crashlm.core.models import load_model
-    from crashlm.core.tasks import load_examples
-    from crashlm.emulators.bundle import load_emulator, save_bundle
+    # here: crashlm.emulators.distill pulls in peft (1.5 s, via the training loop) on every command otherwise
     from crashlm.emulators.distill import distill_emulator, distillation_loss
 
     if out.exists():

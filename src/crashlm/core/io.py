@@ -8,6 +8,7 @@ Only JSON and safetensors are ever read back from users' files (never pickles).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -233,8 +234,6 @@ def dataclass_fields(cls, data: Any, what: str) -> dict[str, Any]:
     """The keyword arguments of dataclass ``cls`` found in JSON ``data``; every field without a
     default must be there (one-line UsageError naming ``what`` otherwise). Unknown keys are
     ignored, so files written by newer versions still load."""
-    import dataclasses
-
     if not isinstance(data, dict):
         raise UsageError(f"{what} must be a JSON object")
     names = [f.name for f in dataclasses.fields(cls)]

@@ -138,7 +138,7 @@ def hidden_to_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def _renumber(layer: nn.Module, index: int) -> None:
     for module in layer.modules():
-        if hasattr(module, "layer_idx") and isinstance(getattr(module, "layer_idx"), int):
+        if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
             module.layer_idx = index
 
 

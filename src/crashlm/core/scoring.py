@@ -160,7 +160,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pair_logprobs(model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int, autocast_dtype) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor]]:
+def _pair_logprobs(
+    model, tokenizer, pairs: Sequence[EncodedPair], batch_size: int, autocast_dtype
+) -> Iterator[tuple[Sequence[int], torch.Tensor, torch.Tensor]]:
     """(pair indices, summed answer log-likelihood, answer tokens) per batch, longest pairs first."""
     # Longest first, so padding is small and memory peaks early (as lm-eval orders them).
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))

@@ -34,10 +34,11 @@ class SettingError(UsageError):
         super().__init__(self.message(field))
 
     def message(self, name: str) -> str:
-        return f"{self.owner + ': ' if self.owner else ''}{name} {self.problem}"
+        return f"{self.owner}: {name} {self.problem}" if self.owner else f"{name} {self.problem}"
 
     def for_flag(self) -> str:
-        return self.message("--" + self.field.replace("_", "-"))
+        """The message for the command line, where the flag says whose setting it is."""
+        return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
 def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
@@ -62,7 +63,7 @@ def _nested_type(cls: type, field: dataclasses.Field) -> type | None:
 class Settings:
     """Serialisation and checks shared by every configuration dataclass."""
 
-    kind: ClassVar[str] = "run"  # what the settings are of, for messages: "unknown training settings"
+    what: ClassVar[str] = "run"  # what the settings are of, for messages: "unknown training settings"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,11 +71,11 @@ class Settings:
     @classmethod
     def from_dict(cls: type[S], data: Any) -> S:
         if not isinstance(data, dict):
-            raise UsageError(f"{cls.kind} settings: expected a JSON object, got {type(data).__name__}")
+            raise UsageError(f"{cls.what} settings: expected a JSON object, got {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise UsageError(f"unknown {cls.kind} settings: {', '.join(unknown)}")
+            raise UsageError(f"unknown {cls.what} settings: {', '.join(unknown)}")
         values = {}
         for name, value in data.items():
             nested = _nested_type(cls, known[name])
@@ -82,12 +83,12 @@ class Settings:
         try:
             return cls(**values)
         except TypeError as exc:  # a required field is missing
-            raise UsageError(f"{cls.kind} settings: {exc}") from exc
+            raise UsageError(f"{cls.what} settings: {exc}") from exc
 
     # -- checks used by validate() ------------------------------------------------------------
 
     def _fail(self, name: str, problem: str) -> None:
-        raise SettingError(name, problem)
+        raise SettingError(name, problem, self.what)
 
     def check_positive(self, *names: str, optional: bool = False, minimum: int = 1) -> None:
         """Each named field is an integer >= ``minimum`` (or None when ``optional``)."""

@@ -209,7 +209,9 @@ def _load_deduplicated(path: Path, slots: list[Slot], dtype: torch.dtype) -> nn.
     prefix = _layer_prefix(model)
     expected = {name for name in _owned_state(model) if not name.startswith(prefix)}
     if set(base) != expected:
-        raise UsageError(f"{path / BASE_WEIGHTS} does not match the config's model (differs in {sorted(set(base) ^ expected)[:3]})")
+        raise UsageError(
+            f"{path / BASE_WEIGHTS} does not match the config's model (differs in {sorted(set(base) ^ expected)[:3]})"
+        )
     try:
         model.load_state_dict(base, strict=False)
         for key, module in modules_by_key(model, slots).items():

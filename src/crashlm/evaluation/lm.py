@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from lm_eval.api.model import LM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -276,8 +277,6 @@ class CrashlmLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Whole-text log-likelihood, in lm-eval's disjoint rolling windows of ``max_length``."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         windows, owners = [], []
         for index, req in enumerate(requests):
             tokens = encode_text(self.tokenizer, req.args[0])

@@ -29,14 +29,20 @@ from typing import Callable, ClassVar
 
 from rich.console import Console
 
+from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
-from crashlm.core.io import read_json, write_json
-from crashlm.core.models import load_config
+from crashlm.core.io import atomic_path, read_json, write_json
+from crashlm.core.models import load_config, load_model
 from crashlm.core.settings import Settings, setting
-from crashlm.core.tasks import ANALYSIS_SPLIT, get_task
+from crashlm.core.tasks import ANALYSIS_SPLIT, get_task, load_examples
 from crashlm.emulators import plans
+from crashlm.emulators.bundle import load_emulator, save_bundle
+from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for
+from crashlm.emulators.targets import resolve_target
+from crashlm.outputs.plotting import plot_clusters, plot_offsite_table
+from crashlm.outputs.report import write_report
 from crashlm.outputs.tables import table_markdown
 from crashlm.training.config import TrainConfig
 
@@ -59,7 +65,7 @@ class OffsiteConfig(Settings):
     seed are set per run from ``tasks`` and ``seeds``.
     """
 
-    kind: ClassVar[str] = "offsite"
+    what: ClassVar[str] = "offsite"
 
     model: str = setting(DEFAULT_MODEL, "Base model (alias, HF directory, .gguf file or hub id).")
     tasks: list[str] = setting(help="Tasks (each needs a train split).", factory=lambda: ["piqa"])
@@ -152,7 +158,7 @@ class Pipeline:
         return output
 
     def _evaluate(self, out: Path, task: str, **target) -> None:
-        from crashlm.emulators.targets import resolve_target
+        # here: crashlm.evaluation pulls in lm-eval and datasets (0.6 s) on every command otherwise
         from crashlm.evaluation.run import evaluate
 
         resolved = resolve_target(**target)
@@ -169,7 +175,7 @@ class Pipeline:
                    lambda: self._evaluate(self.run_dir / task / "full_zs.json", task, model=c.model))
         if not c.full_ft:
             return
-        from crashlm.core.models import load_model
+        # here: crashlm.training.full pulls in peft (1.5 s, via the training loop) on every command otherwise
         from crashlm.training.full import train_full
 
         for seed in c.seeds:
@@ -188,8 +194,6 @@ class Pipeline:
 
         It runs on the task's training inputs, never on evaluation items.
         """
-        from crashlm.analysis.similarity import SimilarityResult, compute_similarity
-
         c = self.config
         path = self.run_dir / task / "similarity" / "similarity.json"
 
@@ -206,12 +210,6 @@ class Pipeline:
         bundle = sdir / "emulator"
 
         def build() -> None:
-            from crashlm.core.models import load_model
-            from crashlm.core.tasks import load_examples
-            from crashlm.emulators.bundle import save_bundle
-            from crashlm.emulators.emulator import build_emulator
-            from crashlm.outputs.plotting import plot_clusters
-
             similarity = self.similarity(task) if SIMILARITY in base.needs else None
             model, tokenizer = load_model(c.model)
             plan = plan_for(model, base.name, k=c.k, trainable=c.trainable, similarity=similarity, task=task,
@@ -220,6 +218,7 @@ class Pipeline:
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             emulator = build_emulator(model, tokenizer, base.spec(plan))
             if strategy == DISTILLED_RUN:
+                # here: crashlm.emulators.distill pulls in peft (1.5 s, via the training loop) on every command otherwise
                 from crashlm.emulators.distill import distill_emulator
 
                 teacher, _ = load_model(c.model)
@@ -235,7 +234,7 @@ class Pipeline:
             adapter = seed_dir / "adapter"
 
             def train(seed=seed, adapter=adapter):
-                from crashlm.emulators.bundle import load_emulator
+                # here: crashlm.emulators.finetune pulls in peft (1.5 s, via the training loop) on every command otherwise
                 from crashlm.emulators.finetune import train_adapter
 
                 train_adapter(load_emulator(bundle), self.config.training(task, seed), adapter, resume=True)
@@ -255,8 +254,6 @@ class Pipeline:
             self.full_model_rows(task)
             for strategy in self.config.strategy_runs():
                 self.strategy_rows(task, strategy)
-        from crashlm.outputs.report import write_report
-
         table = build_table(self.run_dir, self.config)
         write_table(self.run_dir, table)
         write_report(self.run_dir)
@@ -291,7 +288,10 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     def collect(relative: Callable[[int], str] | str) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         for task in tasks:
-            paths = [run_dir / task / relative] if isinstance(relative, str) else [run_dir / task / relative(s) for s in config.seeds]
+            if isinstance(relative, str):
+                paths = [run_dir / task / relative]
+            else:
+                paths = [run_dir / task / relative(s) for s in config.seeds]
             out[task] = [_acc(p, task) for p in paths if p.exists()]
         return out
 
@@ -314,9 +314,6 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
 
 
 def write_table(run_dir: Path, table: dict) -> None:
-    from crashlm.core.io import atomic_path
-    from crashlm.outputs.plotting import plot_offsite_table
-
     write_json(run_dir / "table.json", table)
     with atomic_path(run_dir / "table.md") as tmp:
         tmp.write_text(table_markdown(table), encoding="utf-8")

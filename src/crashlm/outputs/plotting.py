@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from crashlm.core.io import atomic_path  # noqa: E402
 
@@ -114,8 +115,6 @@ def plot_clusters(plan, path: str | Path, matrix=None, title: str | None = None)
     one; without it only the layer strip is drawn. Trainable kept layers are marked with a
     filled circle, frozen kept layers with a hollow one.
     """
-    from matplotlib.patches import Rectangle
-
     L = plan.num_layers
     if matrix is not None:
         fig, (ax, strip) = plt.subplots(

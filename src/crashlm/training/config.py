@@ -15,11 +15,13 @@ SCHEDULES = ("cosine", "linear")
 class TrainConfig(Settings):
     """Everything that decides what a training run produces (recorded with its output)."""
 
-    kind: ClassVar[str] = "training"
+    what: ClassVar[str] = "training"
 
     task: str = setting("", "Task whose TRAIN split is the training data (validation docs held out from it).")
     train_samples: int | None = setting(None, "At most this many training docs. Default: all but the validation docs.")
-    val_samples: int = setting(200, "Training docs held out for the validation loss (a fixed permutation, the same for every seed).")
+    val_samples: int = setting(
+        200, "Training docs held out for the validation loss (a fixed permutation, the same for every seed)."
+    )
     epochs: int = setting(1, "Passes over the training docs (ignored when --max-steps is given).")
     max_steps: int | None = setting(None, "Optimizer steps (instead of --epochs).")
     lr: float = setting(1e-4, "Peak learning rate of AdamW.")
