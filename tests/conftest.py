@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from crashlm.core import assets
+from crashlm.core import assets, tasks
 from tests.tiny import TINY_ARCHS, save_tiny, tiny_model
 
 
@@ -27,6 +27,7 @@ def no_real_assets_without_the_marker(request, monkeypatch, tmp_path_factory):
         raise AssertionError(f"{request.node.nodeid} needs the real {package}: mark it integration")
 
     monkeypatch.setattr(assets, "_pip_download", refuse)
+    tasks._load_split.cache_clear()  # data an integration test of this worker read stays out of reach too
 
 
 @pytest.fixture(autouse=True, scope="session")

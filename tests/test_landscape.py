@@ -199,6 +199,7 @@ def on_models(landscape, config, out, **kwargs):
 
 
 
+@pytest.mark.integration
 def test_1d_end_points_equal_direct_evaluation(dirs, direct, tmp_path):
     config = Landscape1DConfig(a=dirs["a"], b=dirs["b"], task=TASK, points=4, limit=LIMIT)
     result = on_models(landscape_1d, config, tmp_path / "run")
@@ -211,6 +212,7 @@ def test_1d_end_points_equal_direct_evaluation(dirs, direct, tmp_path):
     assert saved["losses"] == result.losses and saved["barrier"] == pytest.approx(result.barrier)
 
 
+@pytest.mark.integration
 def test_model_plus_adapter_spec(dirs, direct, tmp_path):
     spec = f"{dirs['a']}+{dirs['adapter']}"
     result = on_models(landscape_1d, Landscape1DConfig(a=dirs["a"], b=spec, task=TASK, points=2, limit=LIMIT), tmp_path)
@@ -218,6 +220,7 @@ def test_model_plus_adapter_spec(dirs, direct, tmp_path):
     assert result.anchor("b").label == "a+adapter"
 
 
+@pytest.mark.integration
 def test_2d_anchor_points_equal_direct_evaluation(dirs, direct, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=4, axis_range=(-1, 2), limit=LIMIT)
     result = on_models(landscape_2d, config, tmp_path)
@@ -231,6 +234,7 @@ def test_2d_anchor_points_equal_direct_evaluation(dirs, direct, tmp_path):
     assert len(PointLog(tmp_path / POINTS_FILE, ("x", "y")).read()) == 16
 
 
+@pytest.mark.integration
 def test_2d_anchors_off_the_grid_are_evaluated_too(dirs, direct, tmp_path):
     config = Landscape2DConfig(origin=dirs["a"], x=dirs["b"], y=dirs["c"], task=TASK, grid=2, axis_range=(-0.5, 0.5), limit=LIMIT)
     result = on_models(landscape_2d, config, tmp_path)

@@ -286,6 +286,7 @@ def test_cli_lens_with_an_emulator_and_a_trained_lens(tiny_llama_dir, text_file,
     assert [Trajectory.from_dict(t).num_layers for t in record["trajectories"]] == [6, 4]
 
 
+@pytest.mark.integration
 def test_cli_lens_on_a_task(tiny_llama_dir, tmp_path, capsys):
     code, out, err = run_cli(["lens", "--model", str(tiny_llama_dir), "--task", "piqa", "--samples", "2",
                               "--max-length", "32", "--out", str(tmp_path / "lens")], capsys)

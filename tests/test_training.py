@@ -33,7 +33,7 @@ from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.models import get_layers
 from crashlm.core.scoring import mean_answer_loss
 from crashlm.emulators.bundle import load_emulator, save_bundle
-from crashlm.emulators.distill import TextBatches, distill_emulator, distillation_loss
+from crashlm.emulators.distill import DistillConfig, TextBatches, distill_emulator, distillation_loss
 from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.finetune import train_adapter
 from crashlm.emulators.plans import EmulatorSpec, Sharing
@@ -363,9 +363,10 @@ def test_distillation_lowers_kd_and_trains_only_the_middle(tmp_path):
     texts = CORPUS * 2
     adapter = adapter_storage(emulator)
     before = snapshot(emulator.model)
-    start = distillation_loss(teacher, emulator, texts, batch_size=4, bf16=False)
-    distill_emulator(teacher, emulator, texts, steps=12, batch_size=4, lr=3e-3, bf16=False)
-    end = distillation_loss(teacher, emulator, texts, batch_size=4, bf16=False)
+    config = DistillConfig(steps=12, batch_size=4, lr=3e-3, bf16=False)
+    start = distillation_loss(teacher, emulator, texts, config)
+    distill_emulator(teacher, emulator, texts, config)
+    end = distillation_loss(teacher, emulator, texts, config)
     assert end["kd"] < 0.7 * start["kd"]
     after = emulator.model.state_dict()
     middle = [n for n, t in after.items() if n.startswith("model.layers.") and t.data_ptr() not in adapter]
@@ -374,14 +375,14 @@ def test_distillation_lowers_kd_and_trains_only_the_middle(tmp_path):
     assert {id(p) for p in emulator.model.parameters() if p.requires_grad} == \
         {id(p) for layer in emulator.adapter_layers().values() for p in layer.parameters()}
     reloaded = load_emulator(save_bundle(emulator, tmp_path / "distilled"))
-    assert distillation_loss(teacher, reloaded, texts, batch_size=4, bf16=False)["kd"] == pytest.approx(end["kd"], rel=1e-5)
+    assert distillation_loss(teacher, reloaded, texts, config)["kd"] == pytest.approx(end["kd"], rel=1e-5)
 
 
 def test_distillation_refuses_another_teacher():
     _, emulator = full_and_emulator("llama", "uniform")
     other, _ = tiny_model("llama", L, hidden_act="gelu")
     with pytest.raises(UsageError, match="not this emulator's base model"):
-        distill_emulator(other, emulator, CORPUS, steps=1, batch_size=2)
+        distill_emulator(other, emulator, CORPUS, DistillConfig(steps=1, batch_size=2))
 
 
 def test_distillation_batches_are_a_function_of_the_step():

@@ -34,13 +34,13 @@ class LensTrainConfig(Settings):
     what: ClassVar[str] = "lens training"
 
     steps: int = setting(200, "Optimizer steps.")
-    lr: float = setting(1e-3, "Peak learning rate of AdamW.")
+    lr: float = setting(1e-3, "Peak AdamW learning rate (linear warm-up, cosine decay).")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     batch_size: int = setting(4, "Texts per step.")
     max_length: int = setting(128, "Truncate texts to this many tokens.")
     warmup_steps: int = setting(20, "Steps of linear learning-rate warmup (at most a tenth of --steps on the command line).")
     max_grad_norm: float = setting(1.0, "Gradient norm clipping.")
-    seed: int = setting(0, "Seed of the text order.")
+    seed: int = setting(0, "Seed of the text shuffle and the batch order.")
 
     def __post_init__(self) -> None:
         self.check_positive("steps", "batch_size", "max_length")

@@ -42,8 +42,8 @@ def _root(
 
 
 _COMMAND_MODULES = (
-    "fetch", "models", "tasks", "similarity", "cluster", "emulator", "offsite", "plugin", "lens", "landscape", "report",
-    "train", "eval",
+    "fetch", "models", "tasks", "similarity", "cluster", "emulator", "train", "distill", "plugin", "eval", "offsite",
+    "lens", "divergence", "landscape", "report",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 
 from crashlm.core.errors import UsageError
@@ -50,3 +51,10 @@ def positive(value: int | None, what: str, allow_none: bool = True) -> int | Non
     if value is None or value <= 0:
         raise UsageError(f"{what} must be a positive integer, got {value}")
     return value
+
+
+def print_main(text: str) -> None:
+    """Print on the main process only (commands that also run under ``accelerate launch``)."""
+    # The same cpu flag as the training's Accelerator: the first PartialState fixes the backend.
+    if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)

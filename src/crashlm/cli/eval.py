@@ -14,6 +14,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import check_output_file
 from crashlm.core.models import default_device
 from crashlm.emulators.targets import resolve_target
+from crashlm.evaluation.run import evaluate, resolve_splits
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 
@@ -42,9 +43,6 @@ def eval_command(
     out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
 ) -> None:
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
-    # here: crashlm.evaluation pulls in lm-eval and datasets (0.6 s) on every command otherwise
-    from crashlm.evaluation.run import evaluate, resolve_splits
-
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     names = parse_list(tasks, "--tasks")

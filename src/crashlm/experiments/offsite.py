@@ -35,16 +35,20 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_path, read_json, write_json
 from crashlm.core.models import load_config, load_model
 from crashlm.core.settings import Settings, setting
-from crashlm.core.tasks import ANALYSIS_SPLIT, get_task, load_examples
+from crashlm.core.tasks import ANALYSIS_SPLIT, get_task
 from crashlm.emulators import plans
 from crashlm.emulators.bundle import load_emulator, save_bundle
+from crashlm.emulators.distill import DistillConfig, distill_emulator, distillation_texts
 from crashlm.emulators.emulator import build_emulator
+from crashlm.emulators.finetune import train_adapter
 from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for
 from crashlm.emulators.targets import resolve_target
+from crashlm.evaluation.run import evaluate
 from crashlm.outputs.plotting import plot_clusters, plot_offsite_table
 from crashlm.outputs.report import write_report
 from crashlm.outputs.tables import table_markdown
 from crashlm.training.config import TrainConfig
+from crashlm.training.full import train_full
 
 # The OFT + KD row: the uniform emulator distilled from the full model before training.
 DISTILLED_RUN, DISTILLED_BASE, DISTILLED_LABEL = "uniform-kd", "uniform", "OFT + KD"
@@ -158,8 +162,6 @@ class Pipeline:
         return output
 
     def _evaluate(self, out: Path, task: str, **target) -> None:
-        # here: crashlm.evaluation pulls in lm-eval and datasets (0.6 s) on every command otherwise
-        from crashlm.evaluation.run import evaluate
 
         resolved = resolve_target(**target)
         model, tokenizer, description = resolved.model, resolved.tokenizer, resolved.description
@@ -175,8 +177,6 @@ class Pipeline:
                    lambda: self._evaluate(self.run_dir / task / "full_zs.json", task, model=c.model))
         if not c.full_ft:
             return
-        # here: crashlm.training.full pulls in peft (1.5 s, via the training loop) on every command otherwise
-        from crashlm.training.full import train_full
 
         for seed in c.seeds:
             seed_dir = self.run_dir / task / "full_ft" / f"seed{seed}"
@@ -218,12 +218,9 @@ class Pipeline:
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             emulator = build_emulator(model, tokenizer, base.spec(plan))
             if strategy == DISTILLED_RUN:
-                # here: crashlm.emulators.distill pulls in peft (1.5 s, via the training loop) on every command otherwise
-                from crashlm.emulators.distill import distill_emulator
-
+                distillation = DistillConfig(steps=c.distill_steps, batch_size=c.train.batch_size)
                 teacher, _ = load_model(c.model)
-                texts = [ex.context for ex in load_examples("boolq", "train", limit=c.distill_steps * c.train.batch_size)]
-                emulator = distill_emulator(teacher, emulator, texts, steps=c.distill_steps, batch_size=c.train.batch_size)
+                emulator = distill_emulator(teacher, emulator, distillation_texts(distillation), distillation)
             save_bundle(emulator, bundle)
 
         self._step(bundle, f"{task}: {strategy} emulator", build)
@@ -234,8 +231,6 @@ class Pipeline:
             adapter = seed_dir / "adapter"
 
             def train(seed=seed, adapter=adapter):
-                # here: crashlm.emulators.finetune pulls in peft (1.5 s, via the training loop) on every command otherwise
-                from crashlm.emulators.finetune import train_adapter
 
                 train_adapter(load_emulator(bundle), self.config.training(task, seed), adapter, resume=True)
 

@@ -16,6 +16,7 @@ are candidates. Without a validation function the result is the last step's weig
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -26,10 +27,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.training.checkpoint import Checkpoint, CheckpointStore, set_rng_state
@@ -40,10 +37,27 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 ScheduleFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
 
 
+def warmup_factor(step: int, name: str, warmup: int, total: int) -> float:
+    """The learning-rate factor at ``step``: linear warmup over ``warmup`` steps, then cosine or linear
+    decay to 0 at ``total`` (the same floats as transformers' ``get_*_schedule_with_warmup``, whose
+    import would pull in peft on every command)."""
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if name == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
 def warmup_schedule(name: str, warmup_ratio: float) -> ScheduleFactory:
-    """transformers' cosine or linear decay after a linear warmup over ``warmup_ratio`` of the steps."""
-    make = get_cosine_schedule_with_warmup if name == "cosine" else get_linear_schedule_with_warmup
-    return lambda optimizer, total_steps: make(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+    """Cosine or linear decay after a linear warmup over ``warmup_ratio`` of the steps."""
+
+    def make(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        warmup = math.ceil(warmup_ratio * total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            warmup_factor, name=name, warmup=warmup, total=total_steps))
+
+    return make
 
 
 @dataclass
