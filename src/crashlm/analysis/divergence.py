@@ -38,6 +38,7 @@ from crashlm.analysis.lens import (
 )
 from crashlm.core.errors import UsageError
 from crashlm.core.io import dataclass_fields, read_json, write_json
+from crashlm.core.settings import check_choice
 
 MEASURES = ("js", "kl", "hellinger", "l2", "cosine")
 SYMMETRIC = ("js", "hellinger", "l2", "cosine")
@@ -52,8 +53,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_measure(measure: str) -> None:
-    if measure not in MEASURES:
-        raise UsageError(f"unknown divergence measure {measure!r}; choose one of {', '.join(MEASURES)}")
+    check_choice(measure, MEASURES, "divergence measure")
 
 
 # ---------------------------------------------------------------------------------------------

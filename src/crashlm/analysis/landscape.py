@@ -41,7 +41,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
 from crashlm.core.models import fingerprint
 from crashlm.core.scoring import mean_answer_loss
-from crashlm.core.settings import Settings
+from crashlm.core.settings import Settings, check_int
 from crashlm.core.tasks import load_examples
 
 DIRECTIONS = ("models", "random-filter-norm")
@@ -274,8 +274,7 @@ def _run(
 
     Returns the losses by point and the result's common fields (anchors, examples, fingerprints).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch size")
     out_dir = Path(out_dir)
     examples = load_examples(config.task, "validation", config.limit)
 

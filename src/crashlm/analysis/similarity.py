@@ -46,6 +46,7 @@ from crashlm.core.models import (
     load_model,
 )
 from crashlm.core.scoring import encode_text, pad_batch, pad_token_id
+from crashlm.core.settings import check_choice, check_int
 from crashlm.core.tasks import ANALYSIS_SPLIT, load_examples
 
 POOLINGS = ("mean", "mean_weighted", "last", "max")
@@ -55,11 +56,6 @@ LAST_STATES = ("norm", "raw")  # the last state: final-norm output (output_hidde
 # HSIC_1 divides by n (n - 3) and (n - 1)(n - 2): it needs at least four samples.
 MIN_SAMPLES = 4
 RESULT_FILE = "similarity.json"
-
-
-def _check_choice(value: str, choices: Sequence[str], what: str) -> None:
-    if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +69,7 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str)
     tokens, which have seen more context in a causal model, count more. Weights count real
     tokens (a cumulative sum of the mask), so left padding gives the same weights as right.
     """
-    _check_choice(method, POOLINGS, "pooling")
+    check_choice(method, POOLINGS, "pooling")
     mask = attention_mask.to(device=hidden.device, dtype=torch.bool)
     if not bool(mask.any(dim=1).all()):
         raise ValueError("every sequence needs at least one real (non-pad) token")
@@ -115,8 +111,8 @@ def iter_pooled_states(
     Only one batch's token states are alive at a time. The base model is called (no LM head):
     logits over the vocabulary for every token would cost more memory than all the layer states.
     """
-    _check_choice(pooling, POOLINGS, "pooling")
-    _check_choice(last_state, LAST_STATES, "last state")
+    check_choice(pooling, POOLINGS, "pooling")
+    check_choice(last_state, LAST_STATES, "last state")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     base = getattr(model, "base_model", model)
@@ -175,8 +171,8 @@ def _centred_grams(features: torch.Tensor | Sequence[torch.Tensor], estimator: s
     HSIC_1 centring of Kornblith et al.'s reference code: zero the diagonal, subtract adjusted
     row/column means, zero the diagonal again; then <K~, L~>_F = n (n - 3) HSIC_1(K, L).
     """
-    _check_choice(estimator, ESTIMATORS, "CKA estimator")
-    _check_choice(kernel, KERNELS, "CKA kernel")
+    check_choice(estimator, ESTIMATORS, "CKA estimator")
+    check_choice(kernel, KERNELS, "CKA kernel")
     if len(features) == 0:
         raise ValueError("need at least one feature set")
     n = features[0].shape[0]
@@ -353,8 +349,7 @@ class SimilarityResult:
         if missing:
             raise UsageError(f"similarity result lacks {', '.join(missing)}")
         num_layers = data["num_layers"]
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise UsageError(f"num_layers must be a positive integer, got {num_layers!r}")
+        check_int(num_layers, "num_layers")
         size = num_layers + 1
         matrix = data["cka"]
         if (
@@ -394,11 +389,6 @@ class SimilarityResult:
 # Entry point
 
 
-def _check_positive(value: int, what: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{what} must be an integer >= {minimum}, got {value!r}")
-
-
 def compute_similarity(
     model_spec: str = DEFAULT_MODEL,
     task: str = "piqa",
@@ -425,15 +415,15 @@ def compute_similarity(
     dtype. ``device_map`` (e.g. ``"auto"``) spreads a model too large for one GPU over the
     devices instead of placing it on ``device``.
     """
-    _check_choice(pooling, POOLINGS, "pooling")
-    _check_choice(estimator, ESTIMATORS, "CKA estimator")
-    _check_choice(kernel, KERNELS, "CKA kernel")
-    _check_choice(last_state, LAST_STATES, "last state")
-    _check_positive(samples, "samples", MIN_SAMPLES)
-    _check_positive(batch_size, "batch size")
-    _check_positive(max_length, "max length")
+    check_choice(pooling, POOLINGS, "pooling")
+    check_choice(estimator, ESTIMATORS, "CKA estimator")
+    check_choice(kernel, KERNELS, "CKA kernel")
+    check_choice(last_state, LAST_STATES, "last state")
+    check_int(samples, "samples", MIN_SAMPLES)
+    check_int(batch_size, "batch size")
+    check_int(max_length, "max length")
     if minibatch is not None:
-        _check_positive(minibatch, "minibatch size", MIN_SAMPLES)
+        check_int(minibatch, "minibatch size", MIN_SAMPLES)
         if estimator != "unbiased":
             raise UsageError("minibatch CKA needs the unbiased estimator (biased HSIC does not average over batches)")
         if kernel != "linear":

@@ -9,6 +9,7 @@ from accelerate import PartialState
 from rich.console import Console
 
 from crashlm.core.errors import UsageError
+from crashlm.core.settings import check_choice, check_int
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,8 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    check_choice(name, DTYPES, "dtype")
     return DTYPES[name]
 
 
@@ -45,11 +45,9 @@ def parse_int_list(value: str | None, what: str) -> list[int]:
         raise UsageError(f"{what} must be comma-separated integers, got {value!r}") from exc
 
 
-def positive(value: int | None, what: str, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
-        return None
-    if value is None or value <= 0:
-        raise UsageError(f"{what} must be a positive integer, got {value}")
+def positive(value: int | None, flag: str, allow_none: bool = True) -> int | None:
+    """``value`` of ``flag`` when it is a positive integer (or None, when allowed)."""
+    check_int(value, flag, optional=allow_none)
     return value
 
 

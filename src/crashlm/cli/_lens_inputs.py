@@ -10,6 +10,7 @@ from crashlm.cli._common import console, positive
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_text_lines
 from crashlm.core.models import default_device
+from crashlm.core.settings import check_choice
 from crashlm.core.tasks import load_examples
 from crashlm.emulators.targets import resolve_target
 
@@ -34,8 +35,7 @@ def read_texts(task: str, text: Optional[Path], samples: int, split: str, seed: 
 
 def read_lens(kind: str, path: Optional[Path]):
     """The tuned lens of ``--lens tuned --lens-path P``, or None for the logit lens."""
-    if kind not in LENS_KINDS:
-        raise UsageError(f"unknown lens {kind!r}; choose one of {', '.join(LENS_KINDS)}")
+    check_choice(kind, LENS_KINDS, "lens")
     if kind == "logit":
         if path is not None:
             raise UsageError("--lens-path applies to --lens tuned")

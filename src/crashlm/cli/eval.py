@@ -10,9 +10,9 @@ from rich.table import Table
 
 from crashlm.cli import app
 from crashlm.cli._common import DTYPES, console, parse_list, positive
-from crashlm.core.errors import UsageError
 from crashlm.core.io import check_output_file
 from crashlm.core.models import default_device
+from crashlm.core.settings import check_choice
 from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate, resolve_splits
 
@@ -43,8 +43,7 @@ def eval_command(
     out: Path = typer.Option(Path("results.json"), "--out", help="Result JSON to write (default results.json)."),
 ) -> None:
     """Evaluate a model, an emulator, or either with an adapter, on multiple-choice tasks."""
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    check_choice(dtype, DTYPE_CHOICES, "dtype")
     names = parse_list(tasks, "--tasks")
     positive(limit, "--limit")
     positive(batch_size, "--batch-size", allow_none=False)

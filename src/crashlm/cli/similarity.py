@@ -19,6 +19,7 @@ from crashlm.cli._common import console, parse_dtype, parse_list
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_files, check_output_dir, read_text_lines
+from crashlm.core.settings import check_choice
 from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.outputs.plotting import (
     layer_labels,
@@ -87,8 +88,7 @@ def similarity(
     out: Path = typer.Option(Path("runs/similarity"), "--out", help="Output directory."),
 ) -> None:
     """CKA between every pair of layers: similarity.json, cka_heatmap.png, adjacent_cka.png."""
-    if dtype not in DTYPE_CHOICES:
-        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    check_choice(dtype, DTYPE_CHOICES, "dtype")
     specs = parse_list(models, "--models") if models is not None else [model]
     names = [_model_name(spec) for spec in specs]
     if len(set(names)) != len(names):

@@ -41,6 +41,27 @@ class SettingError(UsageError):
         return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
+def _int_problem(value: Any, minimum: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        return f"must be {wanted}, got {value!r}"
+    return None
+
+
+def check_int(value: Any, what: str, minimum: int = 1, optional: bool = False) -> None:
+    """The one integer check of a plain argument: ``value`` >= ``minimum`` (or None when ``optional``)."""
+    problem = None if value is None and optional else _int_problem(value, minimum)
+    if problem:
+        raise UsageError(f"{what} {problem}")
+
+
+def check_choice(value: Any, choices: typing.Iterable[str], what: str) -> None:
+    """The one membership check of a plain argument: ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
 def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
             cli: bool = True) -> Any:
     """A settings field: its default (or ``factory``), its help text, whether the CLI offers it."""
@@ -94,11 +115,9 @@ class Settings:
         """Each named field is an integer >= ``minimum`` (or None when ``optional``)."""
         for name in names:
             value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-                self._fail(name, f"must be {wanted}, got {value!r}")
+            problem = None if value is None and optional else _int_problem(value, minimum)
+            if problem:
+                self._fail(name, problem)
 
     def check_number(self, name: str, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
                      open_high: bool = False) -> None:

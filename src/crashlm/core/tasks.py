@@ -31,6 +31,7 @@ from datasets import load_from_disk
 from crashlm.core.assets import cache_dir, olmo_data_dir
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.io import atomic_path
+from crashlm.core.settings import check_choice, check_int
 
 # Bump when any formatting below changes: exported JSONL files carry it in their name.
 FORMAT_VERSION = 1
@@ -393,12 +394,10 @@ def _load_split(task: str, split: str, source: str) -> tuple[Example, ...]:
 
 def _check_request(task: str, split: str, source: str, limit: int | None) -> None:
     spec = get_task(task)
-    if source not in SOURCES:
-        raise UsageError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    check_choice(source, SOURCES, "data source")
     if split not in spec.splits(source):
         raise UsageError(f"task {task} has no {split!r} split ({source}); available: {', '.join(spec.splits(source))}")
-    if limit is not None and limit <= 0:
-        raise UsageError(f"limit must be a positive integer, got {limit}")
+    check_int(limit, "limit", optional=True)
 
 
 def load_examples(
@@ -432,8 +431,7 @@ def split_sizes(task: str) -> dict[str, int]:
 
 def summary(source: str = "offline") -> list[dict[str, Any]]:
     """One row per task for ``crashlm tasks``: splits with sizes (offline; unknown on the hub)."""
-    if source not in SOURCES:
-        raise UsageError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    check_choice(source, SOURCES, "data source")
     rows = []
     for spec in TASKS.values():
         sizes = split_sizes(spec.name) if source == "offline" else dict.fromkeys(spec.hub_splits)

@@ -28,6 +28,7 @@ from crashlm.analysis.divergence import adjacent_similarity, compute_divergence
 from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint, num_layers
+from crashlm.core.settings import check_choice
 from crashlm.core.tasks import ANALYSIS_SPLIT, load_examples
 from crashlm.emulators.plans import (
     DEFAULT_TRAINABLE,
@@ -102,8 +103,7 @@ def register(
 
 
 def get_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise UsageError(f"unknown emulator strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    check_choice(name, STRATEGIES, "emulator strategy")
     return STRATEGIES[name]
 
 

@@ -40,6 +40,7 @@ from crashlm.core.scoring import (
     prefix_token_id,
     truncate_request,
 )
+from crashlm.core.settings import check_int
 
 # Architectures whose forward accepts a custom 4D attention mask with explicit position ids
 # (checked against unpacked scoring on tiny models of each, tests/test_evaluation.py). ALiBi
@@ -125,10 +126,8 @@ class CrashlmLM(LM):
         ``max_length``: tokens the model reads per request at most (longer contexts lose their
         start); None: the model's own limit, found as lm-eval finds it."""
         super().__init__()
-        if batch_size <= 0:
-            raise UsageError(f"batch size must be a positive integer, got {batch_size}")
-        if max_length is not None and max_length < 1:
-            raise UsageError(f"max length must be a positive integer, got {max_length}")
+        check_int(batch_size, "batch size")
+        check_int(max_length, "max length", optional=True)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size

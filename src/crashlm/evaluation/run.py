@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from crashlm import __version__
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.io import read_json, write_json
+from crashlm.core.settings import check_choice
 from crashlm.core.tasks import SOURCES, get_task, lm_eval_task_config
 from crashlm.evaluation.lm import CrashlmLM, weights_dtype
 
@@ -79,8 +80,7 @@ def resolve_splits(tasks: Sequence[str], split: str | None = None, source: str =
         raise UsageError("give at least one task")
     if len(set(tasks)) != len(tasks):
         raise UsageError(f"a task is listed twice: {', '.join(tasks)}")
-    if source not in SOURCES:
-        raise UsageError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    check_choice(source, SOURCES, "data source")
     splits = {}
     for task in tasks:
         spec = get_task(task)
