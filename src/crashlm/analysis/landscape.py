@@ -41,7 +41,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
 from crashlm.core.models import fingerprint
 from crashlm.core.scoring import mean_answer_loss
-from crashlm.core.settings import Settings, check_int
+from crashlm.core.settings import Settings, check_int, setting
 from crashlm.core.tasks import load_examples
 
 DIRECTIONS = ("models", "random-filter-norm")
@@ -52,6 +52,12 @@ RESULT_FILE = "landscape.json"
 
 # ---------------------------------------------------------------------------------------------
 # Configurations and results
+
+
+MODEL_HELP = "a model spec, an emulator bundle, or SPEC+ADAPTER_DIR"
+TASK_HELP = "Task whose validation examples give the loss (see crashlm tasks)."
+LIMIT_HELP = "The first N validation examples give the loss (mean answer-token cross-entropy)."
+MAX_LENGTH_HELP = "Truncate examples to this many tokens (from the left)."
 
 
 class _Config(Settings):
@@ -79,12 +85,12 @@ class Landscape1DConfig(_Config):
 
     kind: ClassVar[str] = "1d"
 
-    a: str
-    b: str
-    task: str = "piqa"
-    points: int = 25
-    limit: int = 256
-    max_length: int = 512
+    a: str = setting(help=f"Model at alpha 0 (e.g. full fine-tuning): {MODEL_HELP}.")
+    b: str = setting(help=f"Model at alpha 1 (e.g. base+plug-in adapter): {MODEL_HELP}.")
+    task: str = setting("piqa", TASK_HELP)
+    points: int = setting(25, "Points in linspace(0, 1), both end points included (>= 2).")
+    limit: int = setting(256, LIMIT_HELP)
+    max_length: int = setting(512, MAX_LENGTH_HELP)
 
     def validate(self) -> None:
         self.check_positive("points", minimum=2)
@@ -109,16 +115,17 @@ class Landscape2DConfig(_Config):
 
     kind: ClassVar[str] = "2d"
 
-    origin: str
-    x: str | None = None
-    y: str | None = None
-    task: str = "piqa"
-    grid: int = 25
-    axis_range: list[float] = (-1.0, 2.0)
-    directions: str = "models"
-    seed: int = 0
-    limit: int = 256
-    max_length: int = 512
+    origin: str = setting(help=f"Model at (0, 0) (e.g. the pretrained model): {MODEL_HELP}.")
+    x: str | None = setting(None, f"Model at (1, 0), for --directions models: {MODEL_HELP}.")
+    y: str | None = setting(None, f"Model at (0, 1), for --directions models: {MODEL_HELP}.")
+    task: str = setting("piqa", TASK_HELP)
+    grid: int = setting(25, "Grid points per axis (>= 2), both ends included.")
+    axis_range: list[float] = setting(help="LO, HI of both axes.", factory=lambda: [-1.0, 2.0], cli=False)
+    directions: str = setting("models", f"{' or '.join(DIRECTIONS)}: towards --x and --y, or two seeded "
+                                        "filter-normalised random directions.")
+    seed: int = setting(0, "Seed of the random directions.")
+    limit: int = setting(256, LIMIT_HELP)
+    max_length: int = setting(512, MAX_LENGTH_HELP)
 
     def __post_init__(self) -> None:
         self.axis_range = list(self.axis_range)  # a list, as JSON gives it back

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,6 @@ import torch
 import typer
 
 from crashlm.analysis.landscape import (
-    DIRECTIONS,
     Landscape1D,
     Landscape1DConfig,
     Landscape2D,
@@ -21,6 +21,7 @@ from crashlm.analysis.landscape import (
 )
 from crashlm.cli import app
 from crashlm.cli._common import console
+from crashlm.cli._settings import with_settings
 from crashlm.core.errors import UsageError
 from crashlm.core.models import default_device
 from crashlm.emulators.targets import resolve_target
@@ -36,8 +37,6 @@ landscape_app = typer.Typer(
 )
 app.add_typer(landscape_app, name="landscape")
 
-MODEL_HELP = "a model spec, an emulator bundle, or SPEC+ADAPTER_DIR"
-LIMIT_HELP = "The first N validation examples give the loss (mean answer-token cross-entropy)."
 OUT_HELP = "Output directory: landscape.csv/.json and PNGs. Re-run with the same arguments to resume."
 
 
@@ -77,19 +76,15 @@ def _summary_2d(result: Landscape2D) -> str:
 
 
 @landscape_app.command("1d")
+@with_settings(Landscape1DConfig, defaults={"task": ...})
 def one_d(
-    a: str = typer.Option(..., "--a", help=f"Model at alpha 0 (e.g. full fine-tuning): {MODEL_HELP}."),
-    b: str = typer.Option(..., "--b", help=f"Model at alpha 1 (e.g. base+plug-in adapter): {MODEL_HELP}."),
-    task: str = typer.Option(..., "--task", help="Task whose validation examples give the loss (see crashlm tasks)."),
-    points: int = typer.Option(25, "--points", help="Points in linspace(0, 1), both end points included (>= 2)."),
-    limit: int = typer.Option(256, "--limit", help=LIMIT_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward pass."),
-    max_length: int = typer.Option(512, "--max-length", help="Truncate examples to this many tokens (from the left)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda if available, else cpu)."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
+    *,
+    config: Landscape1DConfig,
 ) -> None:
     """theta(alpha) = theta_a + alpha (theta_b - theta_a): landscape.csv/.json, landscape_1d.png."""
-    config = Landscape1DConfig(a=a, b=b, task=task, points=points, limit=limit, max_length=max_length)
     result = _sweep(landscape_1d, config, out, batch_size, device)
     figure = plot_landscape_1d(result, out / "landscape_1d.png")
     _print(_summary_1d(result))
@@ -97,29 +92,17 @@ def one_d(
 
 
 @landscape_app.command("2d")
+@with_settings(Landscape2DConfig, defaults={"task": ...})
 def two_d(
-    origin: str = typer.Option(..., "--origin", help=f"Model at (0, 0) (e.g. the pretrained model): {MODEL_HELP}."),
-    x: Optional[str] = typer.Option(None, "--x", help=f"Model at (1, 0), for --directions models: {MODEL_HELP}."),
-    y: Optional[str] = typer.Option(None, "--y", help=f"Model at (0, 1), for --directions models: {MODEL_HELP}."),
-    task: str = typer.Option(..., "--task", help="Task whose validation examples give the loss (see crashlm tasks)."),
-    grid: int = typer.Option(25, "--grid", help="Grid points per axis (>= 2), both ends included."),
     axis_range: str = typer.Option("-1,2", "--range", help="LO,HI of both axes; write --range=-1,2 for negatives."),
-    directions: str = typer.Option(
-        "models", "--directions",
-        help=f"{' or '.join(DIRECTIONS)}: towards --x and --y, or two seeded filter-normalised random directions.",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random directions."),
-    limit: int = typer.Option(256, "--limit", help=LIMIT_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward pass."),
-    max_length: int = typer.Option(512, "--max-length", help="Truncate examples to this many tokens (from the left)."),
     device: Optional[str] = typer.Option(None, "--device", help="Torch device (default: cuda if available, else cpu)."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
+    *,
+    config: Landscape2DConfig,
 ) -> None:
     """theta(a, b) = theta_origin + a d_x + b d_y: landscape.csv/.json, contour and surface PNGs."""
-    config = Landscape2DConfig(
-        origin=origin, x=x, y=y, task=task, grid=grid, axis_range=_parse_range(axis_range),
-        directions=directions, seed=seed, limit=limit, max_length=max_length,
-    )
+    config = replace(config, axis_range=_parse_range(axis_range))
     result = _sweep(landscape_2d, config, out, batch_size, device)
     figures = [
         plot_landscape_2d_contour(result, out / "landscape_2d_contour.png"),
