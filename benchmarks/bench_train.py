@@ -96,8 +96,11 @@ def make_plans(model, args) -> tuple[dict, str]:
         plans["crash"] = plan_for(model, "crash", similarity=adjacent, model_name=args.model)
         source = "a synthetic adjacent-similarity profile (--random-init / --quick)"
     else:
-        plans["crash"] = plan_for(model, "crash", model_name=args.model, task="piqa", samples=args.similarity_samples,
-                                  batch_size=8)
+        from crashlm.core.models import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        plans["crash"] = plan_for(model, "crash", model_name=args.model, tokenizer=tokenizer, task="piqa",
+                                  samples=args.similarity_samples, batch_size=8)
         source = f"linear CKA of {args.model} on {args.similarity_samples} piqa {ANALYSIS_SPLIT} examples"
     plans["crash-share"] = plans["crash"]
     return {name: plan.to_dict() for name, plan in plans.items()}, source

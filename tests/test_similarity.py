@@ -27,6 +27,7 @@ from crashlm.analysis.similarity import (
     rebatch,
 )
 from crashlm.core.errors import UsageError
+from crashlm.core.models import load_model
 from tests.cli import run_cli
 from tests.tiny import save_tiny, tiny_model
 
@@ -457,3 +458,13 @@ def test_cli_end_to_end_on_the_real_model(tmp_path, capsys):
     assert "smollm2-135m: 30 layers, 8 samples" in stdout
     assert SimilarityResult.load(out).num_layers == 30
     assert {p.name for p in out.iterdir()} == {"similarity.json", "cka_heatmap.png", "adjacent_cka.png"}
+
+
+def test_a_loaded_model_gives_the_result_of_loading_it_by_name(tiny_llama_dir):
+    """plan_for and the offsite pipeline pass the model they hold instead of loading a second copy."""
+    by_name = compute_similarity(str(tiny_llama_dir), texts=TEXTS, samples=len(TEXTS))
+    model, tokenizer = load_model(str(tiny_llama_dir))
+    held = compute_similarity(str(tiny_llama_dir), texts=TEXTS, samples=len(TEXTS), model=model, tokenizer=tokenizer)
+    assert held.to_dict() == by_name.to_dict()
+    with pytest.raises(UsageError, match="needs its tokenizer"):
+        compute_similarity("m", texts=TEXTS, model=model)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -405,6 +405,8 @@ def compute_similarity(
     split: str = ANALYSIS_SPLIT,
     kernel: str = "linear",
     last_state: str = "norm",
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
 ) -> SimilarityResult:
     """Layer-by-layer CKA of ``model_spec`` on the first ``samples`` texts.
 
@@ -413,7 +415,8 @@ def compute_similarity(
     item shapes the plan. ``minibatch`` switches to minibatch CKA with that batch size, which
     requires the unbiased estimator and the linear kernel. ``dtype`` is the weights' and autocast
     dtype. ``device_map`` (e.g. ``"auto"``) spreads a model too large for one GPU over the
-    devices instead of placing it on ``device``.
+    devices instead of placing it on ``device``. A caller that holds the model already passes
+    it as ``model`` and ``tokenizer`` (``model_spec`` is then its name), so it is not loaded twice.
     """
     check_choice(pooling, POOLINGS, "pooling")
     check_choice(estimator, ESTIMATORS, "CKA estimator")
@@ -433,7 +436,8 @@ def compute_similarity(
     if device is not None and device_map is not None:
         raise UsageError("give a device or a device map, not both")
     if texts is None:
-        load_config(model_spec)  # a missing or unsupported model fails before any data is read
+        if model is None:
+            load_config(model_spec)  # a missing or unsupported model fails before any data is read
         texts = [example.text for example in load_examples(task, split=split, limit=samples)]
     else:
         split = None
@@ -443,8 +447,13 @@ def compute_similarity(
     if len(texts) < MIN_SAMPLES:
         raise UsageError(f"CKA needs at least {MIN_SAMPLES} text samples, got {len(texts)}")
 
-    device = torch.device(device) if device is not None else default_device()
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device, device_map=device_map)
+    if model is not None:
+        if tokenizer is None:
+            raise UsageError("a model passed to compute_similarity needs its tokenizer")
+        device = next(model.parameters()).device
+    else:
+        device = torch.device(device) if device is not None else default_device()
+        model, tokenizer = load_model(model_spec, dtype=dtype, device=device, device_map=device_map)
     if device_map is not None:
         device = model.get_input_embeddings().weight.device  # where a dispatched model takes its inputs
     settings = (pooling, batch_size, dtype, device, max_length, last_state)

@@ -71,11 +71,12 @@ def emulator(
         sim = SimilarityResult.load(similarity)
     spec = model or (layer_plan.model if layer_plan else None) or DEFAULT_MODEL
 
-    full_model, tokenizer = load_model(spec, dtype=torch_dtype)
+    full_model, tokenizer = load_model(spec)  # fp32: the plan does not depend on the bundle's dtype
     full_parameters = sum(p.numel() for p in full_model.parameters())
     if layer_plan is None:
         layer_plan = plan_for(full_model, strategy, k, trainable, sim, task=task, samples=samples,
-                              pooling=pooling, model_name=spec, split=split)
+                              pooling=pooling, model_name=spec, split=split, tokenizer=tokenizer)
+    full_model.to(torch_dtype)
     sharing = Sharing.TIED if share_trainable else entry.sharing
     emu = build_emulator(full_model, tokenizer, EmulatorSpec(layer_plan, sharing))
     save_bundle(emu, out)

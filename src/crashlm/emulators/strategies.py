@@ -156,11 +156,10 @@ def _similarity(
         settings = {"source": "lens", "measure": "js", "task": task, "split": split, "samples": len(texts)}
         return adjacent_similarity(result, "js"), settings
     if similarity is None:
-        if model_name is None:
-            raise UsageError("computing the layer similarity needs the model's name or path (model_name)")
-        # Loads its own copy of the model by name.
-        similarity = compute_similarity(model_name, task=task, samples=samples, pooling=pooling,
-                                        batch_size=batch_size, dtype=dtype, split=split)
+        if tokenizer is None:
+            raise UsageError("the layer similarity runs the model: give its tokenizer")
+        similarity = compute_similarity(model_name or "model", task=task, samples=samples, pooling=pooling,
+                                        batch_size=batch_size, dtype=dtype, split=split, model=model, tokenizer=tokenizer)
     if similarity.num_layers != depth:
         raise UsageError(f"the similarity describes {similarity.num_layers} layers but the model has {depth}")
     return similarity.adjacent_layers, {k: v for k, v in similarity.to_dict().items() if k not in ("cka", "adjacent")}

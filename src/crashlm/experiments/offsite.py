@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from rich.console import Console
+from torch import nn
 
 from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 from crashlm.core.assets import DEFAULT_MODEL
@@ -189,8 +190,8 @@ class Pipeline:
             self._step(seed_dir / "eval.json", f"{task}: full FT evaluation, seed {seed}",
                        lambda seed_dir=seed_dir: self._evaluate(seed_dir / "eval.json", task, model=str(seed_dir / "model")))
 
-    def similarity(self, task: str):
-        """The task's layer similarity, computed once and shared by the CRaSh strategies.
+    def similarity(self, task: str, model: nn.Module, tokenizer) -> SimilarityResult:
+        """The task's layer similarity of the full ``model``, computed once and shared by the CRaSh strategies.
 
         It runs on the task's training inputs, never on evaluation items.
         """
@@ -198,7 +199,8 @@ class Pipeline:
         path = self.run_dir / task / "similarity" / "similarity.json"
 
         def compute() -> None:
-            compute_similarity(c.model, task=task, samples=c.similarity_samples, split=ANALYSIS_SPLIT).save(path.parent)
+            compute_similarity(c.model, task=task, samples=c.similarity_samples, split=ANALYSIS_SPLIT, model=model,
+                               tokenizer=tokenizer).save(path.parent)
 
         self._step(path, f"{task}: layer similarity (CKA)", compute)
         return SimilarityResult.load(path)
@@ -210,8 +212,8 @@ class Pipeline:
         bundle = sdir / "emulator"
 
         def build() -> None:
-            similarity = self.similarity(task) if SIMILARITY in base.needs else None
             model, tokenizer = load_model(c.model)
+            similarity = self.similarity(task, model, tokenizer) if SIMILARITY in base.needs else None
             plan = plan_for(model, base.name, k=c.k, trainable=c.trainable, similarity=similarity, task=task,
                             model_name=c.model)
             plan.save(sdir / "plan.json")
