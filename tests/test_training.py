@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 import crashlm.training.full as full_ft
 import crashlm.training.loop as loop
@@ -530,3 +531,17 @@ def test_real_model_adapter_round(tmp_path):
     assert meta["sources"] == emulator.plan.trainable and meta["training"]["best_val_loss"] < 10
     plugged = plug_in("smollm2-135m", out, tmp_path / "plugged")
     assert (plugged / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+@pytest.mark.parametrize("total", [1, 7, 100, 1013])
+def test_warmup_schedules_give_transformers_learning_rates(name, total):
+    """Our schedules replace transformers' (whose import pulls in peft); the rates must be the same floats."""
+    reference = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}[name]
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    ours_opt, ref_opt = torch.optim.AdamW(params, lr=1e-4), torch.optim.AdamW(params, lr=1e-4)
+    ours = loop.warmup_schedule(name, 0.06)(ours_opt, total)
+    ref = reference(ref_opt, math.ceil(0.06 * total), total)  # the warmup the old code passed
+    for _ in range(total + 2):
+        assert ours.get_last_lr() == ref.get_last_lr()
+        ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
