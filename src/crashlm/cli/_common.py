@@ -38,21 +38,19 @@ def parse_list(value: str | None, what: str) -> list[str]:
     return items
 
 
-def parse_int_list(value: str | None, what: str) -> list[int]:
-    try:
-        return [int(v) for v in parse_list(value, what)]
-    except ValueError as exc:
-        raise UsageError(f"{what} must be comma-separated integers, got {value!r}") from exc
-
-
 def positive(value: int | None, flag: str, allow_none: bool = True) -> int | None:
     """``value`` of ``flag`` when it is a positive integer (or None, when allowed)."""
     check_int(value, flag, optional=allow_none)
     return value
 
 
+def print_text(text: str) -> None:
+    """Print plain text: no rich markup or highlighting, long lines kept whole."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def print_main(text: str) -> None:
-    """Print on the main process only (commands that also run under ``accelerate launch``)."""
+    """:func:`print_text` on the main process only (commands that also run under ``accelerate launch``)."""
     # The same cpu flag as the training's Accelerator: the first PartialState fixes the backend.
     if PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        print_text(text)

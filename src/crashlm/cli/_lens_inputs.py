@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from crashlm.analysis.lens import LENS_KINDS, TunedLens
-from crashlm.cli._common import console, positive
+from crashlm.cli._common import positive
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_text_lines
 from crashlm.core.models import default_device
@@ -19,10 +19,6 @@ TEXT_HELP = "UTF-8 text file, one sample per non-empty line (instead of --task).
 LENS_HELP = "logit (final norm + unembedding) or tuned (needs --lens-path)."
 LENS_PATH_HELP = "Tuned lens directory from `crashlm lens train` (with --lens tuned)."
 DEVICE_HELP = "Torch device (default: cuda if available, else cpu)."
-
-
-def print_text(text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def read_texts(task: str, text: Optional[Path], samples: int, split: str, seed: int | None = None) -> tuple[list[str], str]:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from crashlm.cli._common import parse_list
 from crashlm.core.errors import UsageError
 from crashlm.core.settings import Settings, _nested_type
 
@@ -32,9 +33,7 @@ def _flag(name: str) -> str:
 
 
 def _split(value: str | None, name: str, item: Callable[[str], Any]) -> list:
-    items = [v.strip() for v in (value or "").split(",") if v.strip()]
-    if not items:
-        raise UsageError(f"{_flag(name)} needs at least one value")
+    items = parse_list(value, _flag(name))
     try:
         return [item(v) for v in items]
     except ValueError as exc:
@@ -42,7 +41,7 @@ def _split(value: str | None, name: str, item: Callable[[str], Any]) -> list:
         raise UsageError(f"{_flag(name)} must be comma-separated {kind}, got {value!r}") from exc
 
 
-def _option(cls: type, field: dataclasses.Field, hint: Any, path: tuple[str, ...], default: Any) -> _Option:
+def _option(field: dataclasses.Field, hint: Any, path: tuple[str, ...], default: Any) -> _Option:
     name, help_text = field.name, field.metadata.get("help", "")
     args = typing.get_args(hint)
     optional = type(None) in args
@@ -86,19 +85,17 @@ def _options(cls: type, exclude: set[str], defaults: dict[str, Any], path: tuple
         if nested is not None:
             out += _options(nested, exclude, defaults, path + (field.name,), default)
             continue
-        out.append(_option(cls, field, hints[field.name], path + (field.name,), default))
+        out.append(_option(field, hints[field.name], path + (field.name,), default))
     return out
 
 
-def _build(cls: type, options: list[_Option], values: dict[str, Any], fixed: dict[str, Any]) -> Settings:
+def _build(cls: type, options: list[_Option], values: dict[str, Any]) -> Settings:
     tree: dict[str, Any] = {}
     for option in options:
         node = tree
         for part in option.path[:-1]:
             node = node.setdefault(part, {})
         node[option.path[-1]] = option.parse(values[option.parameter.name])
-    for name, value in fixed.items():
-        tree[name] = value
     return _instantiate(cls, tree)
 
 
@@ -114,12 +111,12 @@ def _instantiate(cls: type, tree: dict[str, Any]) -> Settings:
 
 
 def with_settings(cls: type[Settings], param: str = "config", exclude: tuple[str, ...] = (),
-                  defaults: dict[str, Any] | None = None, fixed: dict[str, Any] | None = None):
+                  defaults: dict[str, Any] | None = None):
     """Decorate a command: its ``param`` argument becomes one option per field of ``cls``.
 
-    ``exclude`` drops fields (anywhere in the nesting) from the options, ``defaults`` changes
-    what an option defaults to on the command line, and ``fixed`` sets top-level fields the
-    command line cannot (for example a placeholder task filled in per run).
+    ``exclude`` drops fields (anywhere in the nesting) from the options (they keep their
+    defaults), and ``defaults`` changes what an option defaults to on the command line
+    (``...``: required).
     """
     options = _options(cls, set(exclude), defaults or {})
     names = [o.parameter.name for o in options]
@@ -136,7 +133,7 @@ def with_settings(cls: type[Settings], param: str = "config", exclude: tuple[str
         @functools.wraps(func)
         def command(**kwargs: Any) -> Any:
             values = {name: kwargs.pop(name) for name in names}
-            return func(**kwargs, **{param: _build(cls, options, values, fixed or {})})
+            return func(**kwargs, **{param: _build(cls, options, values)})
 
         command.__signature__ = signature.replace(parameters=own + [o.parameter for o in options])
         command.__annotations__ = {**{p.name: p.annotation for p in own},

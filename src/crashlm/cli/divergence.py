@@ -11,7 +11,7 @@ from crashlm.analysis.divergence import MEASURES, adjacent_similarity, compute_d
 from crashlm.analysis.divergence import RESULT_FILE as DIVERGENCE_FILE
 from crashlm.analysis.lens import emulator_depth
 from crashlm.cli import app
-from crashlm.cli._common import positive
+from crashlm.cli._common import positive, print_text
 from crashlm.cli._lens_inputs import (
     DEVICE_HELP,
     LENS_HELP,
@@ -21,7 +21,6 @@ from crashlm.cli._lens_inputs import (
     emulator_name,
     load_emulator,
     load_full,
-    print_text,
     read_lens,
     read_texts,
 )

@@ -20,7 +20,7 @@ from crashlm.analysis.landscape import (
     landscape_2d,
 )
 from crashlm.cli import app
-from crashlm.cli._common import console
+from crashlm.cli._common import print_text
 from crashlm.cli._settings import with_settings
 from crashlm.core.errors import UsageError
 from crashlm.core.models import default_device
@@ -46,10 +46,6 @@ def _parse_range(value: str) -> list[float]:
     except ValueError as exc:
         raise UsageError(f"--range must be LO,HI (two numbers, e.g. --range=-1,2), got {value!r}") from exc
     return [lo, hi]
-
-
-def _print(text: str) -> None:
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _sweep(run, config: Landscape1DConfig | Landscape2DConfig, out: Path, batch_size: int, device: Optional[str]):
@@ -87,8 +83,8 @@ def one_d(
     """theta(alpha) = theta_a + alpha (theta_b - theta_a): landscape.csv/.json, landscape_1d.png."""
     result = _sweep(landscape_1d, config, out, batch_size, device)
     figure = plot_landscape_1d(result, out / "landscape_1d.png")
-    _print(_summary_1d(result))
-    _print(f"wrote {out / 'landscape.json'}, {out / 'landscape.csv'}, {figure}")
+    print_text(_summary_1d(result))
+    print_text(f"wrote {out / 'landscape.json'}, {out / 'landscape.csv'}, {figure}")
 
 
 @landscape_app.command("2d")
@@ -108,5 +104,5 @@ def two_d(
         plot_landscape_2d_contour(result, out / "landscape_2d_contour.png"),
         plot_landscape_2d_surface(result, out / "landscape_2d_surface.png"),
     ]
-    _print(_summary_2d(result))
-    _print(f"wrote {out / 'landscape.json'}, {out / 'landscape.csv'}, " + ", ".join(map(str, figures)))
+    print_text(_summary_2d(result))
+    print_text(f"wrote {out / 'landscape.json'}, {out / 'landscape.csv'}, " + ", ".join(map(str, figures)))

@@ -11,7 +11,7 @@ import typer
 from crashlm.analysis.lens import emulator_depth, lens_statistics, trajectory
 from crashlm.analysis.tuned_lens import LensTrainConfig, train_tuned_lens
 from crashlm.cli import app
-from crashlm.cli._common import positive
+from crashlm.cli._common import positive, print_text
 from crashlm.cli._lens_inputs import (
     DEVICE_HELP,
     LENS_HELP,
@@ -21,7 +21,6 @@ from crashlm.cli._lens_inputs import (
     emulator_name,
     load_emulator,
     load_full,
-    print_text,
     read_lens,
     read_texts,
 )

@@ -15,7 +15,7 @@ from crashlm.analysis.similarity import (
     compute_similarity,
 )
 from crashlm.cli import app
-from crashlm.cli._common import console, parse_dtype, parse_list
+from crashlm.cli._common import parse_dtype, parse_list, print_text
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_files, check_output_dir, read_text_lines
@@ -124,5 +124,5 @@ def similarity(
             plot_cka_grid(results, staging / "cka_grid.png")
         written = sorted(str(out / path.relative_to(staging)) for path in staging.rglob("*") if path.is_file())
     for result in results:
-        console.print(_summary(result), markup=False, highlight=False, soft_wrap=True)
-    console.print("wrote " + ", ".join(written), markup=False, highlight=False, soft_wrap=True)
+        print_text(_summary(result))
+    print_text("wrote " + ", ".join(written))

@@ -71,10 +71,6 @@ def setting(default: Any = _MISSING, help: str = "", *, factory: Callable[[], An
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def help_of(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 def _nested_type(cls: type, field: dataclasses.Field) -> type | None:
     """The Settings subclass a field holds, if it holds one."""
     hint = typing.get_type_hints(cls).get(field.name)

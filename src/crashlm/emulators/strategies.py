@@ -188,8 +188,8 @@ def plan_for(
     Strategies that need the layer similarity read ``similarity`` (a CKA result, or the L - 1
     adjacent-layer values themselves); without one it is measured on ``samples`` examples of
     ``task``'s ``split`` (train by default: no evaluation item shapes the plan), by CKA
-    (:func:`~crashlm.analysis.similarity.compute_similarity`, which loads ``model_name`` itself)
-    or, with ``source="lens"``, from the logit-lens divergence of ``model`` itself. K is checked
+    (:func:`~crashlm.analysis.similarity.compute_similarity`) or, with ``source="lens"``, from the
+    logit-lens divergence; both run ``model`` itself with its ``tokenizer``, so it is loaded once. K is checked
     first, so a bad K fails before that work; ``auto`` picks K at the largest gap of the
     similarities instead (:func:`~crashlm.emulators.plans.auto_k`).
     """

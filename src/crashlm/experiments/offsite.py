@@ -120,10 +120,14 @@ class OffsiteConfig(Settings):
         return list(self.strategies) + ([DISTILLED_RUN] if self.distill else [])
 
 
-def _fixed_settings(config: dict) -> dict:
-    fixed = {key: value for key, value in config.items() if key not in _GROWING_FIELDS}
-    if isinstance(fixed.get("train"), dict):
-        fixed["train"] = {key: value for key, value in fixed["train"].items() if key != "checkpoint_every"}
+def _fixed_settings(config: dict, prefix: str = "") -> dict:
+    """The settings a re-run must keep, flattened to dotted names (``train.lr``)."""
+    fixed = {}
+    for key, value in config.items():
+        name = prefix + key
+        if name in _GROWING_FIELDS or name == "train.checkpoint_every":
+            continue
+        fixed.update(_fixed_settings(value, name + ".") if isinstance(value, dict) else {name: value})
     return fixed
 
 
@@ -133,8 +137,6 @@ def _check_run_dir(run_dir: Path, config: OffsiteConfig) -> None:
     if path.exists():
         old, new = _fixed_settings(read_json(path, "run configuration")), _fixed_settings(config.to_dict())
         changed = [name for name in new if old.get(name) != new[name]]
-        changed += [f"train.{name}" for name in new["train"] if isinstance(old.get("train"), dict)
-                    and old["train"].get(name) != new["train"][name]]
         if changed:
             raise UsageError(
                 f"{run_dir} holds a run with other settings ({', '.join(changed)}); choose another --out"

@@ -52,16 +52,17 @@ def _validation(acc: Accelerator, shards: str | None, tokenizer, val: Sequence,
                 config: TrainConfig) -> Callable[[nn.Module], float]:
     """Mean answer-token loss on the held-out docs, each process scoring its share."""
     autocast = torch.bfloat16 if acc.mixed_precision == "bf16" else None
+    shard = val[acc.process_index :: acc.num_processes]
+    # The weight of this process's mean: its answer tokens, the same at every validation.
+    count = sum(encode_example(tokenizer, ex, config.max_length).num_answer_tokens for ex in shard)
 
     def validate(model: nn.Module) -> float:
         if shards == "fsdp":
             # FSDP's forward is a collective: every process scores every doc through the wrapped model.
             return mean_answer_loss(model, tokenizer, val, batch_size=config.batch_size,
                                     max_length=config.max_length, autocast_dtype=autocast)
-        shard = val[acc.process_index :: acc.num_processes]
-        total, count = 0.0, 0
+        total = 0.0
         if shard:
-            count = sum(encode_example(tokenizer, ex, config.max_length).num_answer_tokens for ex in shard)
             mean = mean_answer_loss(acc.unwrap_model(model), tokenizer, shard, batch_size=config.batch_size,
                                     max_length=config.max_length, autocast_dtype=autocast)
             total = mean * count
