@@ -204,7 +204,7 @@ def synthetic_similarity(adjacent_layers: list[float]) -> SimilarityResult:
 def test_plan_for_with_automatic_k_and_bare_similarities():
     model, _ = tiny_model("llama", 6)
     adjacent = [0.95, 0.2, 0.96, 0.3, 0.94]
-    plan = plan_for(model, "crash", trainable=1, similarity=synthetic_similarity(adjacent), auto=True)
+    plan = plan_for(model, "crash", trainable=1, similarity=synthetic_similarity(adjacent), k="gap")
     assert plan.k == auto_k(adjacent, 1) == 3
     bare = plan_for(model, "crash", k=3, trainable=1, similarity=adjacent)
     assert (bare.kept, bare.trainable, bare.similarity) == (plan.kept, plan.trainable, None)

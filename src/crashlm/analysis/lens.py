@@ -36,7 +36,7 @@ from crashlm.core.io import (
     write_json,
 )
 from crashlm.core.models import capture_layer_io, get_layers, hidden_to_logits
-from crashlm.core.scoring import IGNORE_INDEX, encode_text, pad_batch, pad_token_id
+from crashlm.core.scoring import IGNORE_INDEX, encode_text, next_token_targets, pad_batch, pad_token_id
 
 LENS_KINDS = ("logit", "tuned")
 LENS_FORMAT = "crashlm-tuned-lens"
@@ -119,8 +119,7 @@ def batch_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenState
     with capture_layer_io(model) as states:
         base(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
     # Next-token targets; a token with no real successor (end of text, or padding next) has none.
-    targets = torch.full_like(input_ids, IGNORE_INDEX)
-    targets[:, :-1] = torch.where(mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
+    targets = next_token_targets(input_ids, mask)
     return TokenStates(torch.stack([state[mask] for state in states]), targets[mask])
 
 

@@ -42,7 +42,8 @@ def _root(
 
 
 _COMMAND_MODULES = (
-    "fetch", "models", "tasks", "similarity", "cluster", "emulator", "train", "distill", "plugin", "eval", "offsite",
+    "fetch", "models", "tasks", "similarity", "cluster", "emulator", "fidelity", "train", "distill", "plugin", "eval",
+    "offsite",
     "lens", "divergence", "landscape", "report",
 )
 

@@ -70,7 +70,7 @@ def cluster(
         sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
                                  dtype=torch_dtype, split=split)
     full_model, tokenizer = load_model(model_spec, dtype=torch_dtype)
-    plan = plan_for(full_model, strategy, k, trainable, sim, auto=auto, model_name=model_spec, tokenizer=tokenizer,
+    plan = plan_for(full_model, strategy, "gap" if auto else k, trainable, sim, model_name=model_spec, tokenizer=tokenizer,
                     source=similarity_source, task=task, split=split, samples=samples, batch_size=batch_size)
     depth, matrix = plan.num_layers, sim.cka if sim is not None else None
 

@@ -126,6 +126,22 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def text_batches(
+    tokenizer, texts: Sequence[str], batch_size: int, max_length: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Plain texts as right-padded batches (an empty encoding becomes one pad token)."""
+    pad_id = pad_token_id(tokenizer)
+    for chunk in batches(texts, batch_size):
+        yield pad_batch([encode_text(tokenizer, text, max_length) or [pad_id] for text in chunk], pad_id)
+
+
+def next_token_targets(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The token each position predicts; IGNORE_INDEX where no real token follows (end of text, padding)."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = torch.where(mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    return targets
+
+
 def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """A right-padded batch: ``input_ids``/``attention_mask`` [B, T-1] and aligned ``targets``.
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json, write_json
@@ -158,6 +158,7 @@ class LayerPlan:
     trainable: list[int]
     clusters: list[list[int]] | None = None
     similarity: dict | None = None
+    scores: dict | None = None  # what a calibration strategy measured to choose the layers
     base_fingerprint: str | None = None
     model: str | None = None
     version: int = field(default=PLAN_VERSION)
@@ -223,7 +224,8 @@ class LayerPlan:
             raise UsageError(f"plan: missing keys {', '.join(missing)}")
         if data.get("version", PLAN_VERSION) > PLAN_VERSION:
             raise UsageError(f"plan: version {data['version']} is newer than this crashlm understands")
-        fields = ("num_layers", "strategy", "kept", "trainable", "clusters", "similarity", "base_fingerprint", "model")
+        fields = ("num_layers", "strategy", "kept", "trainable", "clusters", "similarity", "scores", "base_fingerprint",
+                  "model")
         try:
             return cls(**{key: data[key] for key in fields if key in data})
         except TypeError as exc:
@@ -288,28 +290,50 @@ class EmulatorSpec:
         return cls(LayerPlan.from_dict(data["plan"]), sharing)
 
 
+def split_adapter(num_layers: int, trainable: int) -> tuple[list[int], list[int]]:
+    """(adapter, middle): Offsite-Tuning's T/2 bottom + T - T/2 top layers, and the layers between."""
+    bottom, top = trainable // 2, trainable - trainable // 2
+    adapter = list(range(bottom)) + list(range(num_layers - top, num_layers))
+    return adapter, list(range(bottom, num_layers - top))
+
+
 def uniform_plan(num_layers: int, k: int | None = None, trainable: int = DEFAULT_TRAINABLE, **meta) -> LayerPlan:
     """Offsite-Tuning's plan: T/2 bottom + T/2 top layers train, K - T middle layers kept uniformly."""
     k = default_k(num_layers) if k is None else k
     check_k(k, num_layers, trainable)
-    bottom, top = trainable // 2, trainable - trainable // 2
-    middle = list(range(bottom, num_layers - top))
+    adapter, middle = split_adapter(num_layers, trainable)
     if k - trainable > len(middle):
         raise UsageError(f"K={k} keeps more middle layers than the {len(middle)} available")
     kept_middle = [middle[i] for i in uniform_indices(len(middle), k - trainable)] if k > trainable else []
-    adapter = list(range(bottom)) + list(range(num_layers - top, num_layers))
     return LayerPlan(num_layers, "uniform", sorted(adapter + kept_middle), adapter, **meta)
 
 
+def removal_plan(num_layers: int, strategy: str, removed: Sequence[int], trainable: int, **meta) -> LayerPlan:
+    """The plan that removes ``removed`` (middle layers only): the T/2 bottom and top layers train."""
+    adapter, middle = split_adapter(num_layers, trainable)
+    if not set(removed) <= set(middle):
+        raise UsageError(f"{strategy}: only middle layers {middle[0]}..{middle[-1]} may be removed, got {sorted(removed)}")
+    kept = [layer for layer in range(num_layers) if layer not in set(removed)]
+    return LayerPlan(num_layers, strategy, kept, adapter, **meta)
+
+
 def crash_plan(
-    adjacent: Sequence[float], k: int | None = None, trainable: int = DEFAULT_TRAINABLE, **meta
+    adjacent: Sequence[float], k: int | None = None, trainable: int = DEFAULT_TRAINABLE,
+    costs: Mapping[int, float] | None = None, **meta
 ) -> LayerPlan:
-    """CRaSh's plan from the L - 1 similarities between consecutive decoder layers."""
+    """CRaSh's plan from the L - 1 similarities between consecutive decoder layers.
+
+    Each cluster keeps its middle layer; with ``costs`` (layer -> what removing it alone costs)
+    it keeps its costliest member instead (ties: the one nearest the middle).
+    """
     num_layers = len(adjacent) + 1
     k = default_k(num_layers) if k is None else k
     check_k(k, num_layers, trainable)
     clusters = contiguous_clusters(adjacent, k)
-    kept = [c[len(c) // 2] for c in clusters]
+    if costs is None:
+        kept = [c[len(c) // 2] for c in clusters]
+    else:
+        kept = [max(c, key=lambda layer, c=c: (costs[layer], -abs(layer - c[len(c) // 2]))) for c in clusters]
     train = [kept[p] for p in spread_positions(trainable, k)]
     return LayerPlan(num_layers, "crash", kept, train, clusters=clusters, **meta)
 

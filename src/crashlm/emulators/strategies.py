@@ -10,10 +10,13 @@ fingerprint and name, and the similarity settings.
 
 A new training-free strategy is one registered function::
 
-    @register("greedy", "Greedy", needs={SIMILARITY})
-    def greedy(inputs: PlanInputs) -> LayerPlan:
-        kept, trainable = ...  # from inputs.adjacent, inputs.k, inputs.trainable
-        return LayerPlan(inputs.num_layers, "greedy", kept, trainable)
+    @register("drop-last", "Drop last")
+    def drop_last(inputs: PlanInputs) -> LayerPlan:
+        adapter, middle = split_adapter(inputs.num_layers, inputs.trainable)
+        return removal_plan(inputs.num_layers, "drop-last", middle[len(middle) - inputs.removals:], inputs.trainable)
+
+Every strategy also exists with sharing: ``<name>-share`` is the same plan with removed positions
+filled by the nearest kept layer (:class:`~crashlm.emulators.plans.Sharing`), registered or not.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import torch
 from torch import nn
 
 from crashlm.analysis.divergence import adjacent_similarity, compute_divergence
+from crashlm.analysis.removal import LayerStack, RemovalScores
 from crashlm.analysis.similarity import SimilarityResult, compute_similarity
+from crashlm.core.calibration import CALIBRATION_TASK, calibration_texts
 from crashlm.core.errors import UsageError
 from crashlm.core.models import fingerprint, num_layers
-from crashlm.core.settings import check_choice
 from crashlm.core.tasks import ANALYSIS_SPLIT, load_examples
 from crashlm.emulators.plans import (
     DEFAULT_TRAINABLE,
@@ -39,11 +43,18 @@ from crashlm.emulators.plans import (
     check_k,
     crash_plan,
     default_k,
+    removal_plan,
+    split_adapter,
     uniform_plan,
 )
 
 SIMILARITY = "similarity"  # the input: adjacent-layer similarities of the full model
-INPUTS = (SIMILARITY,)
+CALIBRATION = "calibration"  # the input: removal scores of the full model on calibration text
+INPUTS = (SIMILARITY, CALIBRATION)
+SHARE_SUFFIX = "-share"
+K_RULES = ("auto", "gap")
+# --k auto: the smallest K whose emulator's calibration loss is within this fraction of the full model's.
+DEFAULT_MAX_LOSS_INCREASE = 0.25
 # cka: linear CKA of pooled hidden states; lens: 1 - normalised JS divergence of logit-lens distributions.
 SIMILARITY_SOURCES = ("cka", "lens")
 # A CKA result, or the L - 1 adjacent-layer similarities themselves (entry b: layers b and b + 1).
@@ -59,6 +70,11 @@ class PlanInputs:
     k: int
     trainable: int
     adjacent: list[float] | None = None  # entry b: the similarity of layers b and b + 1
+    scores: RemovalScores | None = None  # removal scores on the calibration text
+
+    @property
+    def removals(self) -> int:
+        return self.num_layers - self.k
 
 
 @dataclass(frozen=True)
@@ -103,8 +119,14 @@ def register(
 
 
 def get_strategy(name: str) -> Strategy:
-    check_choice(name, STRATEGIES, "emulator strategy")
-    return STRATEGIES[name]
+    """A registered strategy, or ``<name>-share``: registered strategy ``name`` with sharing."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    base = STRATEGIES.get(name.removesuffix(SHARE_SUFFIX)) if name.endswith(SHARE_SUFFIX) else None
+    if base is None or base.shares:
+        raise UsageError(f"unknown emulator strategy {name!r}; choose {', '.join(STRATEGIES)} "
+                         f"(each also as <name>{SHARE_SUFFIX})")
+    return replace(base, name=name, label=f"{base.label} + sharing", sharing=Sharing.COPIES)
 
 
 def strategy_name(spec: EmulatorSpec) -> str:
@@ -131,6 +153,63 @@ def uniform(inputs: PlanInputs) -> LayerPlan:
 def crash(inputs: PlanInputs) -> LayerPlan:
     """CRaSh: one layer per cluster of similar consecutive layers."""
     return crash_plan(inputs.adjacent, inputs.k, inputs.trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Since the paper: training-free removal scored on calibration text. The adapter is
+# Offsite-Tuning's (T/2 bottom and T - T/2 top layers train) and only middle layers are removed.
+
+
+@register("crash-loss-share", "CRaSh-loss", needs={SIMILARITY, CALIBRATION}, sharing=Sharing.COPIES, rule="crash-loss")
+@register("crash-loss", "CRaSh-loss w/o sharing", needs={SIMILARITY, CALIBRATION})
+def crash_loss(inputs: PlanInputs) -> LayerPlan:
+    """CRaSh's clusters, each represented by the member whose removal alone raises the calibration
+    loss most (``--representative loss``) instead of its middle layer."""
+    costs = inputs.scores.single_removal_losses()
+    plan = crash_plan(inputs.adjacent, inputs.k, inputs.trainable, costs=costs)
+    return replace(plan, strategy="crash-loss", scores={"single_removal_loss": [costs[i] for i in range(inputs.num_layers)]})
+
+
+@register("greedy", "Greedy (SLEB)", needs={CALIBRATION})
+def greedy(inputs: PlanInputs) -> LayerPlan:
+    """SLEB (Song et al., ICML 2024): remove one middle layer at a time, the one whose removal raises
+    the calibration loss least, until K remain."""
+    _, middle = split_adapter(inputs.num_layers, inputs.trainable)
+    removed, losses = inputs.scores.greedy_removal(middle, inputs.removals)
+    return removal_plan(inputs.num_layers, "greedy", removed, inputs.trainable,
+                        scores={"removal_order": removed, "loss_after_removal": losses})
+
+
+@register("block-influence", "Block influence (ShortGPT)", needs={CALIBRATION})
+def block_influence(inputs: PlanInputs) -> LayerPlan:
+    """ShortGPT (Men et al. 2024): remove the middle layers of lowest block influence
+    1 - cos(input, output), measured once on the full model (ties: the lower layer)."""
+    influence = inputs.scores.block_influence()
+    _, middle = split_adapter(inputs.num_layers, inputs.trainable)
+    removed = sorted(middle, key=lambda layer: (influence[layer], layer))[: inputs.removals]
+    return removal_plan(inputs.num_layers, "block-influence", removed, inputs.trainable,
+                        scores={"block_influence": influence})
+
+
+@register("angular", "Angular distance (Gromov et al.)", needs={CALIBRATION})
+def angular(inputs: PlanInputs) -> LayerPlan:
+    """Gromov et al. (ICLR 2025): remove the contiguous block of n = L - K middle layers whose input
+    and output are closest in angular distance at the last token (ties: the lower block)."""
+    distance = inputs.scores.angular_distance()
+    _, middle = split_adapter(inputs.num_layers, inputs.trainable)
+    n = inputs.removals
+    starts = range(middle[0], middle[-1] - n + 2)
+    start = min(starts, key=lambda first: (distance[first][n], first))
+    return removal_plan(inputs.num_layers, "angular", list(range(start, start + n)), inputs.trainable,
+                        scores={"angular_distance": {str(first): distance[first][n] for first in starts}})
+
+
+@register("drop-last", "Drop last")
+def drop_last(inputs: PlanInputs) -> LayerPlan:
+    """The deepest middle layers go (those just below the top adapter layers): the baseline that
+    Gromov et al. (2025) and later pruning reassessments found hard to beat."""
+    _, middle = split_adapter(inputs.num_layers, inputs.trainable)
+    return removal_plan(inputs.num_layers, "drop-last", middle[len(middle) - inputs.removals:], inputs.trainable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,14 +244,45 @@ def _similarity(
     return similarity.adjacent_layers, {k: v for k, v in similarity.to_dict().items() if k not in ("cka", "adjacent")}
 
 
+def removal_scores(
+    model: nn.Module, tokenizer: Any, samples: int = 64, max_length: int = 128, batch_size: int = 8, progress: bool = True
+) -> RemovalScores:
+    """The full ``model``'s removal scores on the first ``samples`` texts of the calibration search slice."""
+    if tokenizer is None:
+        raise UsageError("calibration scores run the model: give its tokenizer")
+    texts = calibration_texts("search", samples)
+    stack = LayerStack(model, tokenizer, texts, batch_size=batch_size, max_length=max_length, progress=progress)
+    settings = {"text": f"{CALIBRATION_TASK} train paragraphs (search slice)", "texts": len(texts),
+                "max_length": max_length, "tokens": stack.num_tokens}
+    return RemovalScores(stack, settings)
+
+
+def _k_by_loss(entry: Strategy, inputs: PlanInputs, max_increase: float) -> tuple[int, dict]:
+    """``--k auto``: the smallest K (down to T) whose untrained emulator's calibration loss is at most
+    ``(1 + max_increase)`` times the full model's; with sharing the emulator runs its slots' sources."""
+    scores = inputs.scores
+    full = scores.full_loss()
+    losses: dict[int, float] = {}
+    chosen = inputs.num_layers - 1
+    for k in range(inputs.num_layers - 1, inputs.trainable - 1, -1):
+        plan = entry.plan(replace(inputs, k=k))
+        losses[k] = scores.stack.loss([slot.source for slot in entry.spec(plan).slots])
+        if losses[k] > (1 + max_increase) * full:
+            break
+        chosen = k
+    return chosen, {"rule": "auto", "max_loss_increase": max_increase, "full_loss": full,
+                    "loss_by_k": {str(k): v for k, v in sorted(losses.items())}}
+
+
 def plan_for(
     model: nn.Module,
     strategy: str,
-    k: int | None = None,
+    k: int | str | None = None,
     trainable: int = DEFAULT_TRAINABLE,
     similarity: Similarity | None = None,
     *,
-    auto: bool = False,
+    scores: RemovalScores | None = None,
+    max_loss_increase: float = DEFAULT_MAX_LOSS_INCREASE,
     model_name: str | None = None,
     tokenizer: Any = None,
     source: str = "cka",
@@ -182,6 +292,7 @@ def plan_for(
     pooling: str = "mean_weighted",
     batch_size: int = 16,
     dtype: torch.dtype = torch.float32,
+    calibration_samples: int = 64,
 ) -> LayerPlan:
     """The layer plan of ``strategy`` for the full ``model``, stamped with its fingerprint and name.
 
@@ -189,19 +300,28 @@ def plan_for(
     adjacent-layer values themselves); without one it is measured on ``samples`` examples of
     ``task``'s ``split`` (train by default: no evaluation item shapes the plan), by CKA
     (:func:`~crashlm.analysis.similarity.compute_similarity`) or, with ``source="lens"``, from the
-    logit-lens divergence; both run ``model`` itself with its ``tokenizer``, so it is loaded once. K is checked
-    first, so a bad K fails before that work; ``auto`` picks K at the largest gap of the
-    similarities instead (:func:`~crashlm.emulators.plans.auto_k`).
+    logit-lens divergence. Strategies that need calibration scores read ``scores``, else they are
+    measured on ``calibration_samples`` paragraphs of the calibration search slice
+    (:func:`removal_scores`). Both run ``model`` itself with its ``tokenizer``, so it is loaded once.
+
+    K: an int, None (half the layers), ``"auto"`` (the smallest K whose untrained emulator's
+    calibration loss stays within ``max_loss_increase`` of the full model's, :func:`_k_by_loss`) or
+    ``"gap"`` (CRaSh's clusters: the largest gap of the similarities, :func:`~crashlm.emulators.plans.auto_k`).
+    A bad K fails before any measurement.
     """
     entry = get_strategy(strategy)
     if source not in SIMILARITY_SOURCES:
         raise UsageError(f"unknown similarity source {source!r}; choose {' or '.join(SIMILARITY_SOURCES)}")
-    if auto and k is not None:
-        raise UsageError("give K or automatic K, not both")
-    if auto and SIMILARITY not in entry.needs:
-        raise UsageError(f"automatic K needs a layer similarity; strategy {strategy} reads none")
     depth = num_layers(model)
-    if not auto:
+    if isinstance(k, str):
+        if k not in K_RULES:
+            raise UsageError(f"K must be a number or one of {', '.join(K_RULES)}, got {k!r}")
+        if k == "gap" and SIMILARITY not in entry.needs:
+            raise UsageError(f"K by similarity gap needs a layer similarity; strategy {strategy} reads none")
+        if not max_loss_increase > 0:
+            raise UsageError(f"the loss increase of K auto must be positive, got {max_loss_increase}")
+        check_k(trainable, depth, trainable)
+    else:
         k = default_k(depth) if k is None else k
         check_k(k, depth, trainable)
     model_name = model_name or getattr(model.config, "_name_or_path", None) or None
@@ -209,7 +329,19 @@ def plan_for(
     if SIMILARITY in entry.needs:
         adjacent, settings = _similarity(model, tokenizer, similarity, source, model_name, task, split, samples,
                                          pooling, batch_size, dtype)
-        k = auto_k(adjacent, trainable) if auto else k
-    plan = entry.plan(PlanInputs(model, depth, k, trainable, adjacent))
+    if scores is None and (CALIBRATION in entry.needs or k == "auto"):
+        scores = removal_scores(model, tokenizer, calibration_samples)
+    inputs = PlanInputs(model, depth, depth - 1, trainable, adjacent, scores)
+    k_record = None
+    if k == "gap":
+        k = auto_k(adjacent, trainable)
+    elif k == "auto":
+        k, k_record = _k_by_loss(entry, inputs, max_loss_increase)
+    plan = entry.plan(replace(inputs, k=k))
+    recorded = dict(plan.scores or {})
+    if CALIBRATION in entry.needs or k_record:
+        recorded["calibration"] = scores.settings
+    if k_record:
+        recorded["k"] = k_record
     return replace(plan, strategy=entry.rule, similarity=plan.similarity if settings is None else settings,
-                   base_fingerprint=fingerprint(model), model=model_name)
+                   scores=recorded or None, base_fingerprint=fingerprint(model), model=model_name)

@@ -1,0 +1,120 @@
+"""Emulator fidelity: how close an emulator is to its full model, before anyone trains on it.
+
+Measured on held-out calibration text (:mod:`crashlm.core.calibration`, the ``heldout`` slice:
+no task's data, and no text any strategy or distillation was fitted on), per real next-token
+position:
+
+* ``loss``: the emulator's next-token loss (nats per token), beside ``full_loss``, the full model's;
+* ``kl``: the mean KL(full || emulator) of the next-token distributions, in nats;
+* ``top1``: how often the emulator's most likely next token is the full model's.
+
+A zero-removal emulator has KL 0 and agreement 1. :func:`spec_fidelity` scores untrained
+emulators as layer sequences of the full model (:class:`~crashlm.analysis.removal.LayerStack`),
+many at once and without building them; :func:`emulator_fidelity` scores a built emulator (one
+whose weights changed: distilled, or with a trained adapter) beside the full model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from crashlm.analysis.removal import LayerStack
+from crashlm.core.calibration import CALIBRATION_TASK, calibration_texts
+from crashlm.core.errors import UsageError
+from crashlm.core.scoring import IGNORE_INDEX, next_token_targets, text_batches
+from crashlm.emulators.emulator import Emulator
+from crashlm.emulators.plans import EmulatorSpec
+from crashlm.training.runtime import use_bf16
+
+FIDELITY_TEXTS, FIDELITY_LENGTH = 64, 128
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    loss: float
+    full_loss: float
+    kl: float
+    top1: float
+    texts: int
+    tokens: int
+    text: str = f"{CALIBRATION_TASK} train paragraphs (heldout slice)"
+
+    @property
+    def loss_increase(self) -> float:
+        return self.loss - self.full_loss
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Fidelity":
+        try:
+            return cls(**{key: data[key] for key in ("loss", "full_loss", "kl", "top1", "texts", "tokens", "text")
+                          if key in data})
+        except TypeError as exc:
+            raise UsageError(f"fidelity record: {exc}") from exc
+
+
+class _Totals:
+    """Sums over the scored tokens of one emulator."""
+
+    def __init__(self) -> None:
+        self.nll = self.full_nll = self.kl = self.agree = 0.0
+        self.tokens = 0
+
+    def add(self, full_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        keep = targets != IGNORE_INDEX
+        full = torch.log_softmax(full_logits[keep].float(), dim=-1)
+        emu = torch.log_softmax(logits[keep].float(), dim=-1)
+        gold = targets[keep].unsqueeze(-1)
+        self.nll -= float(emu.gather(-1, gold).sum())
+        self.full_nll -= float(full.gather(-1, gold).sum())
+        self.kl += float((full.exp() * (full - emu)).sum())
+        self.agree += float((full.argmax(-1) == emu.argmax(-1)).sum())
+        self.tokens += int(keep.sum())
+
+    def result(self, texts: int) -> Fidelity:
+        n = max(self.tokens, 1)
+        return Fidelity(self.nll / n, self.full_nll / n, max(self.kl / n, 0.0), self.agree / n, texts, self.tokens)
+
+
+def heldout_texts(samples: int = FIDELITY_TEXTS) -> list[str]:
+    return calibration_texts("heldout", samples)
+
+
+def spec_fidelity(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec], texts: Sequence[str] | None = None,
+                  max_length: int = FIDELITY_LENGTH, bf16: bool = True, progress: bool = True) -> dict[str, Fidelity]:
+    """Fidelity of each untrained emulator of ``specs`` (name -> spec) made from the full ``model``."""
+    texts = list(texts) if texts is not None else heldout_texts()
+    stack = LayerStack(model, tokenizer, texts, max_length=max_length, bf16=bf16, progress=progress)
+    totals = {name: _Totals() for name in specs}
+    sequences = {name: [slot.source for slot in spec.slots] for name, spec in specs.items()}
+    for batch in stack.batches:
+        full = stack.logits(batch, range(stack.num_layers))
+        for name, sequence in sequences.items():
+            totals[name].add(full, stack.logits(batch, sequence), batch.targets)
+    return {name: total.result(len(texts)) for name, total in totals.items()}
+
+
+@torch.no_grad()
+def emulator_fidelity(full_model: nn.Module, emulator: Emulator, texts: Sequence[str] | None = None,
+                      max_length: int = FIDELITY_LENGTH, batch_size: int = 8, bf16: bool = True) -> Fidelity:
+    """Fidelity of a built ``emulator`` (e.g. distilled) against its ``full_model``."""
+    texts = list(texts) if texts is not None else heldout_texts()
+    device = next(emulator.model.parameters()).device
+    full_model.to(device).eval()
+    emulator.model.eval()
+    autocast = use_bf16(bf16, device)
+    totals = _Totals()
+    for batch in text_batches(emulator.tokenizer, texts, batch_size, max_length):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        targets = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            full = full_model(**batch, use_cache=False).logits
+            logits = emulator.model(**batch, use_cache=False).logits
+        totals.add(full, logits, targets)
+    return totals.result(len(texts))
