@@ -93,8 +93,11 @@ def _layout(spec: EmulatorSpec) -> str:
 # Writing and reading the manifest
 
 
-def save_bundle(emulator: Emulator, out_dir: str | Path) -> Path:
-    """Write what the model owner sends: see the module docstring for the layout. Atomic."""
+def save_bundle(emulator: Emulator, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write what the model owner sends: see the module docstring for the layout. Atomic.
+
+    ``extra`` adds records to ``crashlm.json`` (``fidelity``, ``distillation``); it cannot
+    replace the keys the format itself writes."""
     out_dir = Path(out_dir)
     model = emulator.model
     with atomic_dir(out_dir) as tmp:
@@ -110,7 +113,7 @@ def save_bundle(emulator: Emulator, out_dir: str | Path) -> Path:
             model.save_pretrained(tmp)
             hashes = {path.name: sha256_file(path) for path in sorted(tmp.glob("*.safetensors"))}
         emulator.tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST, {
+        manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
             "spec": emulator.spec.to_dict(),
@@ -120,8 +123,17 @@ def save_bundle(emulator: Emulator, out_dir: str | Path) -> Path:
             "transformers_version": transformers.__version__,
             "torch_version": torch.__version__,
             "sha256": hashes,
-        })
+        }
+        clash = sorted(set(extra or {}) & set(manifest))
+        if clash:
+            raise ValueError(f"bundle records {clash} are the format's own")
+        write_json(tmp / MANIFEST, {**manifest, **(extra or {})})
     return out_dir
+
+
+def read_records(path: str | Path) -> dict:
+    """The whole ``crashlm.json`` of a bundle (its ``fidelity`` and ``distillation`` records included)."""
+    return read_json(Path(path) / MANIFEST, "bundle manifest")
 
 
 def is_bundle(path: str | Path) -> bool:
