@@ -453,7 +453,8 @@ def save_tiny_other(path):
 @pytest.mark.integration
 def test_cli_emulator_then_plugin_and_resolve_target(plus_dir, tmp_path, capsys):
     bundle = tmp_path / "emulator"
-    code, stdout, stderr = run_cli(["emulator", "--model", str(plus_dir), "--strategy", "crash-share", "--k", CLI_K,
+    code, stdout, stderr = run_cli(["emulator", "--no-fidelity", "--model", str(plus_dir), "--strategy", "crash-share",
+                                    "--k", CLI_K,
                                     "--trainable", str(TRAINABLE), "--samples", "8", "--out", str(bundle)], capsys)
     assert code == 0, stderr
     full, tokenizer = load_model(str(plus_dir))
@@ -503,7 +504,7 @@ def test_cli_emulator_then_plugin_and_resolve_target(plus_dir, tmp_path, capsys)
 
 def test_cli_uniform_emulator_is_a_plain_transformers_model(plus_dir, tmp_path, capsys):
     bundle = tmp_path / "emulator"
-    code, stdout, stderr = run_cli(["emulator", "--model", str(plus_dir), "--strategy", "uniform", "--k", CLI_K,
+    code, stdout, stderr = run_cli(["emulator", "--no-fidelity", "--model", str(plus_dir), "--strategy", "uniform", "--k", CLI_K,
                                     "--trainable", str(TRAINABLE), "--out", str(bundle)], capsys)
     assert code == 0, stderr
     assert f"{CLI_K} positions, {CLI_K} unique layers" in words(stdout)
@@ -517,7 +518,7 @@ def test_cli_emulator_from_a_plan_with_tied_trainable_neighbours(plus_dir, tmp_p
     full, _ = load_model(str(plus_dir))
     plan_file = plan_for(full, "crash", int(CLI_K), TRAINABLE, synthetic_similarity(6)).save(tmp_path / "plan.json")
     bundle = tmp_path / "emulator"
-    code, _, stderr = run_cli(["emulator", "--model", str(plus_dir), "--plan", str(plan_file), "--strategy",
+    code, _, stderr = run_cli(["emulator", "--no-fidelity", "--model", str(plus_dir), "--plan", str(plan_file), "--strategy",
                                "crash-share", "--share-trainable", "--out", str(bundle)], capsys)
     assert code == 0, stderr
     emulator = load_emulator(bundle)
@@ -532,7 +533,11 @@ def test_cli_emulator_from_a_plan_with_tied_trainable_neighbours(plus_dir, tmp_p
         (["--strategy", "random"], "unknown emulator strategy"),
         (["--strategy", "uniform", "--k", "99"], "out of range"),
         (["--strategy", "crash", "--k", "1", "--trainable", "2"], "out of range"),
-        (["--strategy", "uniform", "--share-trainable"], "crash-share only"),
+        (["--strategy", "uniform", "--share-trainable"], "--share-trainable needs sharing"),
+        (["--strategy", "uniform", "--representative", "loss"], "crash strategies only"),
+        (["--strategy", "uniform", "--representative", "first"], "--representative"),
+        (["--strategy", "uniform", "--k", "half"], "positive integer or 'auto'"),
+        (["--strategy", "greedy-share-share"], "unknown emulator strategy"),
         (["--strategy", "uniform", "--dtype", "float64"], "dtype"),
         (["--plan", "MISSING"], "plan not found"),
         (["--strategy", "uniform", "--similarity", "MISSING"], "applies to the crash strategies"),
@@ -541,7 +546,7 @@ def test_cli_emulator_from_a_plan_with_tied_trainable_neighbours(plus_dir, tmp_p
 def test_cli_bad_emulator_options_exit_2_with_one_line_and_no_output(plus_dir, tmp_path, capsys, args, message):
     out = tmp_path / "emulator"
     args = [str(tmp_path / "missing.json") if a == "MISSING" else a for a in args]
-    code, _, stderr = run_cli(["emulator", "--model", str(plus_dir), *args, "--out", str(out)], capsys)
+    code, _, stderr = run_cli(["emulator", "--no-fidelity", "--model", str(plus_dir), *args, "--out", str(out)], capsys)
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr
     assert not out.exists()
 
@@ -574,6 +579,9 @@ def test_crash_share_emulator_of_the_real_model(tmp_path, capsys):
     spec = read_manifest(bundle).spec
     plan = LayerPlan.from_dict(manifest["spec"]["plan"])
     assert plan.k == 12 and len(plan.trainable) == 4 and plan.similarity["samples"] == 8
+    fidelity = manifest["fidelity"]
+    assert fidelity["texts"] == 64 and fidelity["loss"] > fidelity["full_loss"] > 0
+    assert fidelity["kl"] > 0 and 0 <= fidelity["top1"] < 1 and "top-1 agreement" in stdout
     assert len(spec.slots) == 30 == plan.num_layers
     copies = {s.key for s in spec.slots if s.kind is SlotKind.COPY}
     assert manifest["summary"]["unique_layers"] == 12 + len(copies)

@@ -439,7 +439,7 @@ def _command(name: str, assets: dict[str, Path], out: Path) -> list[str]:
     return {
         "similarity": ["similarity", "--model", model, "--text", str(assets["text"])],
         "cluster": ["cluster", "--model", model, "--strategy", "uniform", "--k", "3", "--trainable", "2"],
-        "emulator": ["emulator", "--model", model, "--strategy", "uniform", "--k", "3", "--trainable", "2"],
+        "emulator": ["emulator", "--no-fidelity", "--model", model, "--strategy", "uniform", "--k", "3", "--trainable", "2"],
         "plugin": ["plugin", "--model", model, "--adapter", str(assets["adapter"])],
     }[name] + ["--out", str(out)]
 

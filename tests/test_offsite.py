@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from crashlm.experiments.offsite import OffsiteConfig, build_table
+import crashlm.emulators.distill as distill
+import crashlm.experiments.offsite as offsite
+from crashlm.core.errors import UsageError
+from crashlm.core.io import write_json
+from crashlm.emulators.bundle import read_manifest
+from crashlm.experiments.offsite import OffsiteConfig, Pipeline, build_table, write_table
+from crashlm.outputs.tables import gain_recovered, table_markdown
+from crashlm.training.checkpoint import checkpoint_dir
+from crashlm.training.config import TrainConfig
+from crashlm.training.full import TRAINING_META
 from tests.cli import run_cli
 from tests.tiny import save_tiny
 
@@ -24,7 +37,8 @@ def run(tmp_path_factory):
     model = save_tiny("llama", root / "tiny-llama", num_layers=8, max_position_embeddings=1024)
     args = [
         "offsite", "--model", str(model), "--tasks", "piqa", "--k", "4", "--trainable", "2",
-        "--similarity-samples", "8", "--train-samples", "16", "--val-samples", "8", "--max-steps", "2",
+        "--similarity-samples", "8", "--full-ft-lrs", "1e-4,1e-3", "--train-samples", "16", "--val-samples", "8",
+        "--max-steps", "2",
         "--eval-every", "1", "--batch-size", "4", "--eval-limit", "8", "--max-length", "64", "--out", str(root / "run"),
     ]
     return root / "run", args
@@ -58,6 +72,13 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     for name in ("piqa/full_zs.json", "piqa/crash/seed1/plugin.json"):
         assert json.loads((run_dir / name).read_text())["config"]["max_length"] == 64
     assert json.loads((run_dir / "piqa/similarity/similarity.json").read_text())["split"] == "train"
+    # Full fine-tuning's learning rate: each candidate trained on the first seed, the lowest validation loss kept.
+    choice = json.loads((run_dir / "piqa/full_ft/lr.json").read_text())
+    assert [c["lr"] for c in choice["candidates"]] == [1e-4, 1e-3]
+    assert choice["chosen"] == min(choice["candidates"], key=lambda c: c["best_val_loss"])["lr"]
+    assert table["full_ft_lr"]["piqa"] == choice and (run_dir / "piqa/training_curves.png").is_file()
+    # Every bundle records its fidelity to the full model, and the table collects it.
+    assert set(table["fidelity"]) == {"uniform", "crash", "crash-share"} and table["fidelity"]["crash"]["piqa"]["kl"] >= 0
 
 
 @pytest.mark.integration
@@ -83,24 +104,138 @@ def test_same_seed_gives_an_identical_table_and_identical_weights(run, tmp_path,
     again = tmp_path / "again"
     assert args[-2] == "--out"
     code, stdout, _ = run_cli([*args[:-1], str(again)], capsys)
-    assert code == 0 and "run  piqa: full fine-tuning, seed 1" in stdout  # a fresh run, not a copy
+    assert code == 0 and "run  piqa: full fine-tuning, lr 0.0001, seed 1" in stdout  # a fresh run, not a copy
     assert json.loads((again / "table.json").read_text())["rows"] == json.loads((run_dir / "table.json").read_text())["rows"]
+    lr = json.loads((run_dir / "piqa/full_ft/lr.json").read_text())["chosen"]
     for weights in ("uniform/seed1/adapter/adapter.safetensors", "crash-share/seed1/adapter/adapter.safetensors",
-                    "full_ft/seed1/model/model.safetensors"):
+                    f"full_ft/lr{lr:g}/seed1/model/model.safetensors"):
         assert (again / "piqa" / weights).read_bytes() == (run_dir / "piqa" / weights).read_bytes(), weights
 
 
-def test_table_gain_recovered_follows_the_paper_definition(tmp_path):
-    config = OffsiteConfig(model="m", tasks=["piqa"], strategies=["uniform"], seeds=[1, 2])
-    scores = {"full_zs.json": 0.5, "full_ft/seed1/eval.json": 0.7, "full_ft/seed2/eval.json": 0.7,
-              "uniform/emu_zs.json": 0.3, "uniform/seed1/emu_ft.json": 0.55, "uniform/seed2/emu_ft.json": 0.65,
-              "uniform/seed1/plugin.json": 0.6, "uniform/seed2/plugin.json": 0.6}
+
+
+def _write_scores(root: Path, scores: dict[str, float]) -> None:
     for relative, acc in scores.items():
-        path = tmp_path / "piqa" / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"scores": {"piqa": {"acc": acc}}}))
-    rows = {row["name"]: row for row in build_table(tmp_path, config)["rows"]}
-    assert rows["Uniform, Plug-in"]["gain_recovered"] == pytest.approx(0.5)  # (0.6 - 0.5) / (0.7 - 0.5)
-    assert rows["Uniform, Emu FT"]["scores"]["piqa"] == pytest.approx(0.6)
+        write_json(root / "piqa" / relative, {"scores": {"piqa": {"acc": acc}}})
+
+
+def test_table_gain_recovered_is_a_mean_over_seeds_with_its_std(tmp_path):
+    config = OffsiteConfig(model="m", tasks=["piqa"], strategies=["uniform"], seeds=[1, 2])
+    write_json(tmp_path / "piqa/full_ft/lr.json", {"seed": 1, "chosen": 1e-4, "candidates": [
+        {"lr": 1e-4, "best_val_loss": 1.0}, {"lr": 1e-3, "best_val_loss": 2.0}]})
+    _write_scores(tmp_path, {
+        "full_zs.json": 0.5, "full_ft/lr0.0001/seed1/eval.json": 0.7, "full_ft/lr0.0001/seed2/eval.json": 0.75,
+        "full_ft/lr0.001/seed1/eval.json": 0.1,  # a candidate not chosen: not in the table
+        "uniform/emu_zs.json": 0.3, "uniform/seed1/emu_ft.json": 0.55, "uniform/seed2/emu_ft.json": 0.65,
+        "uniform/seed1/plugin.json": 0.6, "uniform/seed2/plugin.json": 0.65})
+    write_json(tmp_path / "piqa/uniform/emulator/crashlm.json", {"fidelity": {"kl": 0.8, "top1": 0.4}})
+    table = build_table(tmp_path, config)
+    assert table["fidelity"] == {"uniform": {"piqa": {"kl": 0.8, "top1": 0.4}}}
+    write_table(tmp_path, table, config)
+    assert (tmp_path / "fidelity.png").is_file() and (tmp_path / "table.md").is_file()
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["Full FT"]["scores"]["piqa"] == pytest.approx(0.725) and rows["Full FT"]["lr"] == {"piqa": 1e-4}
+    plugin = rows["Uniform, Plug-in"]
+    # Per seed (0.6 - 0.5) / (0.7 - 0.5) = 0.5 and (0.65 - 0.5) / (0.75 - 0.5) = 0.6.
+    assert plugin["gain_recovered"] == pytest.approx(0.55)
+    assert plugin["gain_recovered_std"] == pytest.approx(0.0707, abs=1e-4) and plugin["gain_recovered_seeds"] == 2
     assert rows["Uniform, Emu FT"]["spread"]["piqa"] == pytest.approx(0.0707, abs=1e-3)
     assert "gain_recovered" not in rows["Uniform, Emu FT"]
+    text = table_markdown(table)
+    assert "55 ± 7 % (2 seeds)" in text and "piqa 0.0001 (0.0001: 1.0000, 0.001: 2.0000)" in text
+
+
+def test_gain_recovered_needs_both_rows_of_a_seed_and_averages_tasks_first():
+    zero_shot = {"piqa": {0: 0.5}, "arc_easy": {0: 0.3}}
+    full_ft = {"piqa": {1: 0.7, 2: 0.7}, "arc_easy": {1: 0.5, 2: 0.5}}
+    plugin = {"piqa": {1: 0.6, 2: 0.6, 3: 0.9}, "arc_easy": {1: 0.3, 3: 0.9}}  # seed 2 lacks arc_easy, 3 Full FT
+    # Seed 1 only: (0.45 - 0.4) / (0.6 - 0.4).
+    assert gain_recovered(zero_shot, full_ft, plugin) == {
+        "gain_recovered": pytest.approx(0.25), "gain_recovered_std": None, "gain_recovered_seeds": 1}
+    assert gain_recovered({"piqa": {}}, full_ft, plugin) == {}
+
+
+def test_offsite_refuses_boolq_whose_paragraphs_are_the_calibration_text(tmp_path, capsys):
+    with pytest.raises(UsageError, match="calibration text"):
+        OffsiteConfig(model="m", tasks=["piqa", "boolq"]).validate()
+    code, _, err = run_cli(["offsite", "--tasks", "boolq", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "task boolq cannot be a downstream task" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_ft_learning_rate_is_chosen_on_validation_loss(tmp_path, tiny_llama_dir, monkeypatch):
+    """The first seed trains once per rate; the lowest best validation loss sets every seed's rate."""
+    losses, trained = {1e-4: 2.0, 1e-3: 1.5, 1e-2: 3.0}, []
+
+    def fake_train_full(model, tokenizer, config, out, resume):
+        trained.append((config.lr, config.seed))
+        curve = [{"step": 0, "val_loss": 4.0}, {"step": 1, "val_loss": losses[config.lr]}]
+        write_json(Path(out) / TRAINING_META, {"training": {"best_val_loss": losses[config.lr]},
+                                               "validation_curve": curve})
+
+    def fake_evaluate(self, out, task, **target):
+        write_json(out, {"scores": {task: {"acc": 0.5 if target["model"] == str(tiny_llama_dir) else 0.7}}})
+
+    monkeypatch.setattr(offsite, "train_full", fake_train_full)
+    monkeypatch.setattr(offsite, "load_model", lambda name: (None, None))
+    monkeypatch.setattr(Pipeline, "_evaluate", fake_evaluate)
+    config = OffsiteConfig(model=str(tiny_llama_dir), tasks=["piqa"], strategies=[], seeds=[3, 4],
+                           full_ft_lrs=[1e-4, 1e-3, 1e-2], train=TrainConfig(train_samples=8, val_samples=4))
+    run_dir = tmp_path / "run"
+    table = Pipeline(config, run_dir, Console(file=io.StringIO())).run()
+    assert trained == [(1e-4, 3), (1e-3, 3), (1e-2, 3), (1e-3, 4)]
+    choice = json.loads((run_dir / "piqa/full_ft/lr.json").read_text())
+    assert choice["chosen"] == 1e-3 and choice["seed"] == 3
+    assert [c["best_val_loss"] for c in choice["candidates"]] == [2.0, 1.5, 3.0]
+    full_ft = next(row for row in table["rows"] if row["name"] == "Full FT")
+    assert full_ft["lr"] == {"piqa": 1e-3} and full_ft["runs"] == {"piqa": 2}
+    assert sorted(p.parent.name for p in (run_dir / "piqa/full_ft").glob("*/*/eval.json")) == ["seed3", "seed4"]
+    assert all("lr0.001" in str(p) for p in (run_dir / "piqa/full_ft").glob("*/*/eval.json"))
+    Pipeline(config, run_dir, Console(file=io.StringIO())).run()  # a re-run trains nothing again
+    assert len(trained) == 4
+
+
+@pytest.mark.integration
+def test_distill_adds_a_kd_row_per_strategy_and_distils_each_emulator_once(tmp_path, capsys, monkeypatch):
+    model = save_tiny("llama", tmp_path / "tiny-llama", num_layers=8, max_position_embeddings=1024)
+    run_dir = tmp_path / "run"
+    args = ["offsite", "--model", str(model), "--tasks", "piqa,arc_easy", "--strategies", "uniform,crash",
+            "--distill", "--distill-steps", "2", "--no-full-ft", "--k", "4", "--trainable", "2",
+            "--similarity-samples", "8", "--train-samples", "8", "--val-samples", "4", "--max-steps", "1",
+            "--batch-size", "4", "--eval-limit", "4", "--max-length", "64", "--out", str(run_dir)]
+    # Interrupted (Ctrl-C) during the first distillation, after its first checkpoint.
+    real_batch = distill.TextBatches.batch
+
+    def killed(self, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(distill.TextBatches, "batch", killed)
+    assert run_cli(args, capsys)[0] == 130
+    partial = [path for path in (run_dir / "distilled").iterdir() if path.name.endswith(".partial")]
+    assert len(partial) == 1 and (partial[0] / "latest.json").is_file()
+    monkeypatch.undo()
+
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    table = json.loads((run_dir / "table.json").read_text())
+    names = [row["name"] for row in table["rows"]]
+    for label in ("Uniform", "CRaSh w/o sharing", "OFT + KD", "CRaSh w/o sharing + KD"):
+        assert f"{label}, Plug-in" in names and f"{label}, Emu ZS" in names
+    assert names.index("CRaSh w/o sharing, Plug-in") < names.index("OFT + KD, Emu ZS")
+    # The uniform emulator is the same on both tasks: distilled once, its bundle linked into each task.
+    assert stdout.count("run  distillation of the uniform emulator") == 1
+    assert not any(path.name.endswith(".partial") for path in (run_dir / "distilled").iterdir())
+    keys = {task: offsite.emulator_key(read_manifest(run_dir / task / "uniform-kd/emulator").spec)
+            for task in ("piqa", "arc_easy")}
+    assert keys["piqa"] == keys["arc_easy"] and not checkpoint_dir(run_dir / "distilled" / keys["piqa"]).exists()
+    shared = run_dir / "distilled" / keys["piqa"]
+    for task in ("piqa", "arc_easy"):
+        assert os.path.samefile(run_dir / task / "uniform-kd/emulator/model.safetensors", shared / "model.safetensors")
+    record = json.loads((shared / "crashlm.json").read_text())["distillation"]
+    assert record["chosen_step"] in (1, 2) and [p["step"] for p in record["validation_curve"]] == [0, 2]
+    assert record["val_texts"] == 64 and table["distillation"]["uniform-kd"]["piqa"]["chosen_step"] == record["chosen_step"]
+    # One distillation per distinct emulator: uniform once, crash once per distinct task plan.
+    crash = {offsite.emulator_key(read_manifest(run_dir / t / "crash-kd/emulator").spec) for t in ("piqa", "arc_easy")}
+    assert sorted(path.name for path in (run_dir / "distilled").iterdir()) == sorted({keys["piqa"], *crash})

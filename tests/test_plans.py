@@ -21,6 +21,7 @@ from crashlm.emulators.plans import (
     uniform_plan,
 )
 from crashlm.emulators.strategies import (
+    CALIBRATION,
     SIMILARITY,
     PlanInputs,
     get_strategy,
@@ -147,9 +148,20 @@ def test_the_papers_strategies_are_registered_with_their_labels_inputs_and_shari
         "uniform": ("Uniform", frozenset(), Sharing.NONE, "uniform"),
         "crash": ("CRaSh w/o sharing", {SIMILARITY}, Sharing.NONE, "crash"),
         "crash-share": ("CRaSh", {SIMILARITY}, Sharing.COPIES, "crash"),
+        "crash-loss": ("CRaSh-loss w/o sharing", {SIMILARITY, CALIBRATION}, Sharing.NONE, "crash-loss"),
+        "crash-loss-share": ("CRaSh-loss", {SIMILARITY, CALIBRATION}, Sharing.COPIES, "crash-loss"),
+        "greedy": ("Greedy (SLEB)", {CALIBRATION}, Sharing.NONE, "greedy"),
+        "block-influence": ("Block influence (ShortGPT)", {CALIBRATION}, Sharing.NONE, "block-influence"),
+        "angular": ("Angular distance (Gromov et al.)", {CALIBRATION}, Sharing.NONE, "angular"),
+        "drop-last": ("Drop last", frozenset(), Sharing.NONE, "drop-last"),
     }
-    with pytest.raises(UsageError, match="unknown emulator strategy 'random'; choose one of uniform, crash"):
+    with pytest.raises(UsageError, match="unknown emulator strategy 'random'; choose uniform, crash"):
         get_strategy("random")
+    shared = get_strategy("greedy-share")
+    assert (shared.label, shared.sharing, shared.rule) == ("Greedy (SLEB) + sharing", Sharing.COPIES, "greedy")
+    for name in ("crash-share-share", "random-share"):
+        with pytest.raises(UsageError, match="unknown emulator strategy"):
+            get_strategy(name)
 
 
 def test_an_emulator_is_named_by_its_plans_rule_and_whether_it_shares():
@@ -210,7 +222,7 @@ def test_plan_for_with_automatic_k_and_bare_similarities():
     assert (bare.kept, bare.trainable, bare.similarity) == (plan.kept, plan.trainable, None)
     with pytest.raises(UsageError, match="describes 5 layers but the model has 6"):
         plan_for(model, "crash", k=3, trainable=1, similarity=adjacent[:-1])
-    with pytest.raises(UsageError, match="not both"):
-        plan_for(model, "crash", k=3, similarity=adjacent, auto=True)
+    with pytest.raises(UsageError, match="a number or one of auto, gap"):
+        plan_for(model, "crash", k="half", similarity=adjacent)
     with pytest.raises(UsageError, match="strategy uniform reads none"):
-        plan_for(model, "uniform", auto=True)
+        plan_for(model, "uniform", k="gap")

@@ -509,7 +509,7 @@ def test_cli_full_finetuning_and_distill(tmp_path, bundle, capsys):
 
     out = tmp_path / "distilled"
     main(["distill", "--model", str(teacher), "--emulator", str(bundle), "--steps", "2", "--batch-size", "2",
-          "--text-task", "arc_easy", "--max-length", "32", "--out", str(out)])
+          "--max-length", "32", "--out", str(out)])
     assert "KD" in capsys.readouterr().out
     assert load_emulator(out).plan.trainable == load_emulator(bundle).plan.trainable
     with pytest.raises(SystemExit) as exc:

@@ -44,6 +44,17 @@ def positive(value: int | None, flag: str, allow_none: bool = True) -> int | Non
     return value
 
 
+def parse_k(value: str | None, flag: str = "--k") -> int | str | None:
+    """An emulator size option: a positive integer, ``auto`` (by calibration loss) or None."""
+    if value is None or value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise UsageError(f"{flag} must be a positive integer or 'auto', got {value!r}") from None
+    return positive(k, flag)
+
+
 def print_text(text: str) -> None:
     """Print plain text: no rich markup or highlighting, long lines kept whole."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)

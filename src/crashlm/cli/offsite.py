@@ -20,7 +20,7 @@ def offsite(
     *,
     config: OffsiteConfig,
 ) -> None:
-    """Plans, emulators, training, plug-in and evaluation -> RUN_DIR/table.{json,md,png}."""
+    """Plans, emulators (+ KD with --distill), training, plug-in and evaluation -> RUN_DIR/table.*, report.html."""
     table = run_offsite(config, out, console)
     console.print(table_markdown(table))
-    console.print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}")
+    console.print(f"wrote {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}, {out / 'report.html'}")

@@ -106,7 +106,7 @@ class Emulator:
         }
 
 
-def _check_plan(model: nn.Module, plan: LayerPlan) -> str:
+def check_plan(model: nn.Module, plan: LayerPlan) -> str:
     """The model's fingerprint, after checking that ``plan`` was made for this model."""
     depth = num_layers(model)
     if plan.num_layers != depth:
@@ -123,7 +123,7 @@ def build_emulator(model: nn.Module, tokenizer, spec: EmulatorSpec) -> Emulator:
     no second full copy is ever held (load a fresh model to keep the full one). Only ``COPY``
     modules are deep-copied; the model's config object is shared with the copies, not cloned.
     """
-    base = _check_plan(model, spec.plan)
+    base = check_plan(model, spec.plan)
     slots = spec.slots
     layers = get_layers(model)
     modules: dict[str, nn.Module] = {}

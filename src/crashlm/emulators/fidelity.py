@@ -26,7 +26,7 @@ from crashlm.analysis.removal import LayerStack
 from crashlm.core.calibration import CALIBRATION_TASK, calibration_texts
 from crashlm.core.errors import UsageError
 from crashlm.core.scoring import IGNORE_INDEX, next_token_targets, text_batches
-from crashlm.emulators.emulator import Emulator
+from crashlm.emulators.emulator import Emulator, check_plan
 from crashlm.emulators.plans import EmulatorSpec
 from crashlm.training.runtime import use_bf16
 
@@ -89,6 +89,8 @@ def heldout_texts(samples: int = FIDELITY_TEXTS) -> list[str]:
 def spec_fidelity(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec], texts: Sequence[str] | None = None,
                   max_length: int = FIDELITY_LENGTH, bf16: bool = True, progress: bool = True) -> dict[str, Fidelity]:
     """Fidelity of each untrained emulator of ``specs`` (name -> spec) made from the full ``model``."""
+    for spec in specs.values():
+        check_plan(model, spec.plan)
     texts = list(texts) if texts is not None else heldout_texts()
     stack = LayerStack(model, tokenizer, texts, max_length=max_length, bf16=bf16, progress=progress)
     totals = {name: _Totals() for name in specs}

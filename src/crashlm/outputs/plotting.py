@@ -168,6 +168,35 @@ def plot_offsite_table(table: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_fidelity_gain(points: list[tuple[str, float, float, float | None]], path: str | Path, title: str) -> Path:
+    """Whether fidelity predicts transfer: each ``(label, KL, gain recovered, its std)`` as a point with error bar."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, kl, gain, std in points:
+        ax.errorbar([kl], [100 * gain], yerr=None if std is None else [100 * std], fmt="o", capsize=3)
+        ax.annotate(label, (kl, 100 * gain), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for level in (0, 100):  # Full ZS and Full FT
+        ax.axhline(level, color="0.6", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("emulator KL to the full model on held-out calibration text (nats/token)")
+    ax.set_ylabel("gain recovered by the plug-in (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_training_curves(panels: dict[str, list[tuple[str, list, list]]], path: str | Path, title: str) -> Path:
+    """Validation loss against optimizer step: one panel per loss (its name the y label), one line per run."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False, constrained_layout=True)
+    for ax, (name, lines) in zip(axes[0], panels.items()):
+        for label, steps, losses in lines:
+            ax.plot(steps, losses, marker="o", markersize=3, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layer lenses and layer-to-layer divergence
 

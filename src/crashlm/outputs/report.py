@@ -4,10 +4,12 @@ The report reads what the commands wrote (JSON + PNG) and embeds every figure as
 so the page can be mailed or archived as one file. It computes nothing: each section shows a
 figure with the configuration that produced it, next to it on disk.
 
-Sections, each present only when its files are: the offsite table (``table.json``, ``table.png``),
-layer similarity and plans (``similarity.json``, ``plan.json`` and their figures), and every other
-figure under the run directory grouped by folder (lens, divergence, landscape, ...), each with
-the JSON files of its folder.
+Sections, each present only when its files are, the verdict first: the gain recovered per
+strategy (``table.json``), emulator fidelity against that gain (``fidelity.png``), each task's
+training curves (``<task>/training_curves.png``), the offsite table (``table.json``,
+``table.png``), layer similarity and plans (each distinct plan once per folder of plans), and
+every other figure under the run directory grouped by folder (lens, divergence, landscape,
+...), each with the JSON files of its folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from crashlm.emulators.plans import LayerPlan
 from crashlm.outputs.tables import table_html
 
 REPORT_FILE = "report.html"
+# Figures of an offsite run that lead the report (the pipeline writes them under these names).
+FIDELITY_FIGURE, CURVES_FIGURE = "fidelity.png", "training_curves.png"
 # Large result JSONs (matrices, grids) are summarised rather than dumped into the page.
 _MAX_JSON_CHARS = 4000
 
@@ -56,16 +60,59 @@ def _json_block(path: Path, root: Path) -> str:
     return f"<details><summary>{name}</summary><pre>{html.escape(text)}</pre></details>"
 
 
-def _plan_summary(path: Path) -> str:
+def _load_plan(path: Path) -> LayerPlan:
     try:
-        plan = LayerPlan.load(path)  # checked: a broken plan is one line, not a traceback
+        return LayerPlan.load(path)  # checked: a broken plan is one line, not a traceback
     except UsageError as exc:
         raise UsageError(f"{path}: {exc}") from exc
-    parts = [f"<b>{html.escape(str(path.parent.name))}</b>: {plan.strategy} plan, "
+
+
+def _plan_summary(names: list[str], plan: LayerPlan) -> str:
+    parts = [f"<b>{html.escape(', '.join(names))}</b>: {plan.strategy} plan, "
              f"{plan.num_layers} layers -> K={plan.k}; trainable {plan.trainable}; kept {plan.kept}"]
     if plan.clusters:
         parts.append("clusters " + " ".join(f"[{c[0]}-{c[-1]}]" if len(c) > 1 else f"[{c[0]}]" for c in plan.clusters))
     return "<p>" + "; ".join(parts) + "</p>"
+
+
+def _verdict(table: dict) -> str:
+    """The gain recovered per strategy, best first: what the run found, before how."""
+    rows = sorted((row for row in table["rows"] if "gain_recovered" in row), key=lambda row: -row["gain_recovered"])
+    if not rows:
+        return ""
+
+    def cells(row: dict) -> list[str]:
+        std = row.get("gain_recovered_std")
+        return [row["name"].removesuffix(", Plug-in"), f"{100 * row['gain_recovered']:.0f} %",
+                "–" if std is None else f"{100 * std:.0f} %", str(row.get("gain_recovered_seeds", 1))]
+
+    lines = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells(row)) + "</tr>" for row in rows)
+    return ("<h2>Verdict: gain recovered by the plug-in</h2><p>Per seed, (plug-in average - Full ZS average) / "
+            "(Full FT average - Full ZS average) over the tasks; the mean and the std over the seeds.</p>"
+            "<table><tr><th>strategy</th><th>gain recovered</th><th>std</th><th>seeds</th></tr>"
+            f"{lines}</table>")
+
+
+def _plans(root: Path, used: set[Path]) -> list[str]:
+    """Each distinct plan once per folder of plans (strategies sharing one, e.g. crash and crash-share, together)."""
+    groups: dict[tuple, list[tuple[Path, LayerPlan]]] = {}
+    for path in sorted(root.rglob("plan.json")):
+        plan = _load_plan(path)
+        key = (path.parent.parent, plan.num_layers, tuple(plan.kept), tuple(plan.trainable), str(plan.clusters))
+        groups.setdefault(key, []).append((path, plan))
+    body = []
+    for group in groups.values():
+        (first, plan), folders = group[0], [path.parent for path, _ in group]
+        body.append(_plan_summary([str(folder.relative_to(root)) for folder in folders], plan))
+        for folder in folders:
+            for png in sorted(folder.glob("*.png")):
+                if folder == first.parent:
+                    body.append(_figure(png, root))
+                used.add(png)
+        for name in ("plan.json", "similarity.json"):
+            if (first.parent / name).exists():
+                body.append(_json_block(first.parent / name, root))
+    return ["<h2>Layer similarity and plans</h2>", *body] if body else []
 
 
 def build_report(run_dir: str | Path) -> str:
@@ -79,29 +126,29 @@ def build_report(run_dir: str | Path) -> str:
     used: set[Path] = set()
     body = [f"<h1>crashlm report: {html.escape(root.resolve().name)}</h1>"]
 
+    def figures_of(title: str, pngs: list[Path]) -> None:
+        pngs = [png for png in pngs if png.exists()]
+        if pngs:
+            body.append(f"<h2>{title}</h2>" + "".join(_figure(png, root) for png in pngs))
+            used.update(pngs)
+
     if (root / "table.json").exists():
         table = read_json(root / "table.json", "offsite table")
         try:
-            body.append("<h2>Offsite-tuning table</h2>" + table_html(table))
-        except (KeyError, TypeError, ValueError) as exc:
+            verdict, table_text = _verdict(table), table_html(table)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UsageError(f"{root / 'table.json'} is not a crashlm offsite table ({exc!r})") from exc
+        body.append(verdict)
+        figures_of("Emulator fidelity against transfer", [root / FIDELITY_FIGURE])
+        figures_of("Training curves", [root / str(task) / CURVES_FIGURE for task in table.get("tasks", [])])
+        body.append("<h2>Offsite-tuning table</h2>" + table_text)
         if (root / "table.png").exists():
             body.append(_figure(root / "table.png", root))
             used.add(root / "table.png")
         if (root / "config.json").exists():
             body.append(_json_block(root / "config.json", root))
 
-    plan_files = sorted(root.rglob("plan.json"))
-    if plan_files:
-        body.append("<h2>Layer similarity and plans</h2>")
-        for plan_path in plan_files:
-            body.append(_plan_summary(plan_path))
-            for png in sorted(plan_path.parent.glob("*.png")):
-                body.append(_figure(png, root))
-                used.add(png)
-            for name in ("plan.json", "similarity.json"):
-                if (plan_path.parent / name).exists():
-                    body.append(_json_block(plan_path.parent / name, root))
+    body.extend(_plans(root, used))
 
     by_folder: dict[Path, list[Path]] = {}
     for png in figures:

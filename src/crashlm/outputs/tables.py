@@ -1,14 +1,68 @@
-"""The offsite-tuning table as text: one set of cells, rendered as Markdown or HTML.
+"""The offsite-tuning table: its rows from per-seed scores, and its cells as Markdown or HTML.
 
 Every renderer formats a score the same way: accuracy in percent with one decimal, and
-``± std`` over seeds when a cell averages more than one run.
+``± std`` over seeds when a cell averages more than one run; the gain recovered likewise, over
+the seeds it was measured on.
 """
 
 from __future__ import annotations
 
 import html
+import math
+import statistics
 
 COLUMNS_AFTER_TASKS = ("average", "gain recovered")
+# Scores of one row: task -> seed -> accuracy (one entry for an untrained row).
+Scores = dict[str, dict[int, float]]
+
+
+def table_row(name: str, scores: Scores, **extra) -> dict:
+    """A row: the mean and std over seeds per task, and the average over tasks once every task has a score."""
+    values = {task: list(by_seed.values()) for task, by_seed in scores.items()}
+    means = {task: statistics.fmean(v) for task, v in values.items() if v}
+    complete = len(means) == len(values)
+    return {
+        "name": name,
+        **extra,
+        "scores": means,
+        "spread": {task: (statistics.stdev(v) if len(v) > 1 else 0.0) for task, v in values.items() if v},
+        "runs": {task: len(v) for task, v in values.items()},
+        "average": statistics.fmean(means.values()) if complete and means else None,
+    }
+
+
+def gain_recovered(zero_shot: Scores, full_ft: Scores, plugin: Scores) -> dict:
+    """The share of full fine-tuning's gain a plug-in recovers (CRaSh, Zhang et al. 2023), with its spread.
+
+    Per seed with every task scored: (plug-in average - Full ZS average) / (Full FT average -
+    Full ZS average), the averages over the tasks; then the mean and sample std over those seeds
+    (std None for one seed). Empty when no seed qualifies.
+    """
+    tasks = list(zero_shot)
+    if not tasks or not all(zero_shot[task] for task in tasks):
+        return {}
+    zs = statistics.fmean(statistics.fmean(zero_shot[task].values()) for task in tasks)
+    gains = []
+    for seed in plugin[tasks[0]]:
+        if all(seed in plugin[task] and seed in full_ft[task] for task in tasks):
+            ft = statistics.fmean(full_ft[task][seed] for task in tasks)
+            if not math.isclose(ft, zs):
+                gains.append((statistics.fmean(plugin[task][seed] for task in tasks) - zs) / (ft - zs))
+    if not gains:
+        return {}
+    return {"gain_recovered": statistics.fmean(gains),
+            "gain_recovered_std": statistics.stdev(gains) if len(gains) > 1 else None,
+            "gain_recovered_seeds": len(gains)}
+
+
+def gain_text(row: dict) -> str:
+    """``54 %``, or ``54 ± 7 % (3 seeds)``; empty for a row without a gain."""
+    if "gain_recovered" not in row:
+        return ""
+    std = row.get("gain_recovered_std")
+    if std is None:
+        return f"{100 * row['gain_recovered']:.0f} %"
+    return f"{100 * row['gain_recovered']:.0f} ± {100 * std:.0f} % ({row['gain_recovered_seeds']} seeds)"
 
 
 def _score(row: dict, task: str) -> str:
@@ -27,14 +81,21 @@ def table_cells(table: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for row in table["rows"]:
         average = "–" if row.get("average") is None else f"{100 * row['average']:.1f}"
-        gain = f"{100 * row['gain_recovered']:.0f} %" if "gain_recovered" in row else ""
-        rows.append([row["name"], *(_score(row, task) for task in tasks), average, gain])
+        rows.append([row["name"], *(_score(row, task) for task in tasks), average, gain_text(row)])
     return header, rows
 
 
 def table_note(table: dict) -> str:
-    return (f"{table.get('metric', 'acc')} (%) on {', '.join(table['tasks'])}; model {table['model']}; "
+    note = (f"{table.get('metric', 'acc')} (%) on {', '.join(table['tasks'])}; model {table['model']}; "
             f"seeds {table['seeds']} (mean ± std where several).")
+    choices = table.get("full_ft_lr") or {}
+    if choices:
+        tried = "; ".join(
+            f"{task} {choice['chosen']:g} (" + ", ".join(
+                f"{c['lr']:g}: {c['best_val_loss']:.4f}" for c in choice["candidates"]) + ")"
+            for task, choice in choices.items())
+        note += f" Full FT learning rate chosen on the first seed's best validation loss: {tried}."
+    return note
 
 
 def table_markdown(table: dict) -> str:
