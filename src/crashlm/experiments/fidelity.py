@@ -35,7 +35,7 @@ class FidelityConfig(Settings):
     model: str = setting(DEFAULT_MODEL, "Full model (alias, HF directory, .gguf file or hub id).")
     strategies: list[str] = setting(help="Strategies (any registered one, or <name>-share).",
                                     factory=lambda: list(STRATEGIES))
-    ks: list[int] = setting(help="Emulator sizes K. Default: half the layers.", factory=list)
+    ks: list[int] | None = setting(None, "Emulator sizes K. Default: half the layers.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
     calibration_samples: int = setting(32, "Calibration paragraphs the strategies search on (search slice).")
     texts: int = setting(FIDELITY_TEXTS, "Held-out calibration paragraphs fidelity is measured on.")
