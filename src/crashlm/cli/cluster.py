@@ -8,14 +8,21 @@ import typer
 
 from crashlm.analysis.similarity import SimilarityResult, compute_similarity
 from crashlm.cli import app
-from crashlm.cli._common import console, parse_dtype, positive
+from crashlm.cli._common import console, parse_dtype, parse_k, positive
 from crashlm.core.assets import DEFAULT_MODEL
 from crashlm.core.errors import UsageError
 from crashlm.core.io import atomic_files, check_output_dir
 from crashlm.core.models import load_config, load_model
 from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators import plans
-from crashlm.emulators.strategies import SIMILARITY, SIMILARITY_SOURCES, get_strategy, plan_for
+from crashlm.emulators.strategies import (
+    DEFAULT_MAX_LOSS_INCREASE,
+    SIMILARITY,
+    SIMILARITY_SOURCES,
+    STRATEGIES,
+    get_strategy,
+    plan_for,
+)
 from crashlm.outputs.plotting import plot_clusters
 
 # What marks --out as crashlm's: an earlier plan, or the similarity the plan is made from.
@@ -29,10 +36,14 @@ def cluster(
         None, "--model",
         help=f"Model (alias, HF dir, .gguf, hub id). Default: the similarity file's model, else {DEFAULT_MODEL}.",
     ),
-    k: int = typer.Option(
-        None, "--k", help="Number of kept layers K. Default: half the layers, rounded (the paper's emulator size)."
+    k: str = typer.Option(
+        None, "--k", help="Number of kept layers K, or 'auto' (the smallest K within --max-loss-increase of the full "
+                          "model's calibration loss). Default: half the layers, rounded (the paper's emulator size).",
     ),
-    strategy: str = typer.Option("crash", "--strategy", help="crash (cluster by similarity) or uniform (Offsite-Tuning drop)."),
+    max_loss_increase: float = typer.Option(
+        DEFAULT_MAX_LOSS_INCREASE, "--max-loss-increase", help="--k auto: allowed relative increase of the calibration loss.",
+    ),
+    strategy: str = typer.Option("crash", "--strategy", help=f"{', '.join(STRATEGIES)} (docs/emulators.md)."),
     trainable: int = typer.Option(plans.DEFAULT_TRAINABLE, "--trainable", help="Number of trainable (adapter) layers."),
     auto: bool = typer.Option(False, "--auto", help="Pick K at the largest gap of the adjacent-layer dissimilarities."),
     similarity: Path = typer.Option(None, "--similarity", help="A similarity.json from `crashlm similarity` (else computed)."),
@@ -53,7 +64,7 @@ def cluster(
     reads_similarity = SIMILARITY in get_strategy(strategy).needs
     if similarity_source not in SIMILARITY_SOURCES:
         raise UsageError(f"unknown similarity source {similarity_source!r}; choose {' or '.join(SIMILARITY_SOURCES)}")
-    positive(k, "--k")
+    k = parse_k(k)
     positive(trainable, "--trainable", allow_none=False)
     positive(samples, "--samples", allow_none=False)
     torch_dtype = parse_dtype(dtype)
@@ -64,14 +75,15 @@ def cluster(
     sim = SimilarityResult.load(similarity) if reads_similarity and similarity is not None else None
     model_spec = model or (sim.model if sim else DEFAULT_MODEL)
     if reads_similarity and sim is None and similarity_source == "cka":
-        if k is not None:  # fail before any long computation
+        if isinstance(k, int):  # fail before any long computation
             plans.check_k(k, load_config(model_spec).num_hidden_layers, trainable)
         # Before the full model loads: compute_similarity loads its own copy.
         sim = compute_similarity(model_spec, task=task, samples=samples, pooling=pooling, batch_size=batch_size,
                                  dtype=torch_dtype, split=split)
     full_model, tokenizer = load_model(model_spec, dtype=torch_dtype)
     plan = plan_for(full_model, strategy, "gap" if auto else k, trainable, sim, model_name=model_spec, tokenizer=tokenizer,
-                    source=similarity_source, task=task, split=split, samples=samples, batch_size=batch_size)
+                    source=similarity_source, task=task, split=split, samples=samples, batch_size=batch_size,
+                    max_loss_increase=max_loss_increase)
     depth, matrix = plan.num_layers, sim.cka if sim is not None else None
 
     with atomic_files(out, OUT_MARKERS) as staging:  # all files or none
