@@ -24,7 +24,8 @@ _API = {
     "crashlm.analysis.divergence": ("compute_divergence",),
     "crashlm.analysis.landscape": ("landscape_1d", "landscape_2d", "Landscape1DConfig", "Landscape2DConfig"),
     "crashlm.emulators.plans": ("LayerPlan", "EmulatorSpec", "Sharing"),
-    "crashlm.emulators.strategies": ("plan_for", "register", "get_strategy", "STRATEGIES"),
+    "crashlm.emulators.strategies": ("plan_for", "register", "get_strategy", "STRATEGIES", "removal_scores"),
+    "crashlm.emulators.fidelity": ("spec_fidelity", "emulator_fidelity", "Fidelity"),
     "crashlm.emulators.emulator": ("Emulator", "build_emulator"),
     "crashlm.emulators.bundle": ("save_bundle", "load_emulator", "verify_bundle", "leaked_tensors"),
     "crashlm.emulators.finetune": ("train_adapter",),
@@ -32,6 +33,8 @@ _API = {
     "crashlm.emulators.plugin": ("load_adapter", "apply_adapter", "plug_in"),
     "crashlm.emulators.targets": ("resolve_target",),
     "crashlm.experiments.offsite": ("OffsiteConfig", "run_offsite"),
+    "crashlm.experiments.fidelity": ("FidelityConfig", "run_fidelity"),
+    "crashlm.core.calibration": ("calibration_texts",),
 }
 _MODULE_OF = {name: module for module, names in _API.items() for name in names}
 

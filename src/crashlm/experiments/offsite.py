@@ -16,6 +16,7 @@ Layout of ``RUN_DIR``::
     <task>/full_ft/lr.json             the full fine-tuning learning rate chosen on validation loss
     <task>/full_ft/lr<lr>/seed<s>/model/  fully fine-tuned model, and eval.json beside it
     <task>/similarity/                 layer similarity of the task's training inputs (CRaSh)
+    plans/<rule>.json                  plans that read no task data, made once for every task
     <task>/<strategy>/plan.json        layer plan, clusters.png beside it
     <task>/<strategy>/emulator/        emulator bundle; emu_zs.json beside it
     <task>/<strategy>/seed<s>/adapter/ trained adapter; emu_ft.json, plugin.json beside it
@@ -27,157 +28,54 @@ Layout of ``RUN_DIR``::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 import shutil
-import statistics
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 from rich.console import Console
 from torch import nn
 
+from crashlm.analysis.removal import RemovalScores
 from crashlm.analysis.similarity import SimilarityResult, compute_similarity
-from crashlm.core.assets import DEFAULT_MODEL
-from crashlm.core.calibration import CALIBRATION_TASK
 from crashlm.core.errors import UsageError
-from crashlm.core.io import atomic_dir, atomic_path, read_json, write_json
-from crashlm.core.models import load_config, load_model
-from crashlm.core.settings import Settings, setting
-from crashlm.core.tasks import ANALYSIS_SPLIT, get_task
-from crashlm.emulators import plans
+from crashlm.core.io import atomic_dir, read_json, write_json
+from crashlm.core.models import load_model
+from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators.bundle import MANIFEST, load_emulator, read_records, save_bundle
-from crashlm.emulators.distill import DistillConfig, calibration_inputs, distill_emulator
+from crashlm.emulators.distill import calibration_inputs, distill_emulator
 from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.fidelity import emulator_fidelity
 from crashlm.emulators.finetune import train_adapter
-from crashlm.emulators.plans import EmulatorSpec, LayerPlan
-from crashlm.emulators.plugin import ADAPTER_META
-from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for
+from crashlm.emulators.plans import LayerPlan
+from crashlm.emulators.strategies import (
+    CALIBRATION,
+    SIMILARITY,
+    get_strategy,
+    plan_for,
+    removal_scores,
+)
 from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
-from crashlm.outputs.plotting import plot_clusters, plot_fidelity_gain, plot_offsite_table, plot_training_curves
-from crashlm.outputs.report import CURVES_FIGURE, FIDELITY_FIGURE, write_report
-from crashlm.outputs.tables import gain_recovered, table_markdown, table_row
-from crashlm.training.config import TrainConfig
+from crashlm.experiments.offsite_config import (
+    DISTILLED_DIR,
+    KD_SUFFIX,
+    LR_CHOICE,
+    PLANS_DIR,
+    OffsiteConfig,
+    base_strategy,
+    emulator_key,
+    full_ft_dir,
+)
+from crashlm.experiments.offsite_table import build_table, write_table
+from crashlm.outputs.plotting import plot_clusters
+from crashlm.outputs.report import write_report
 from crashlm.training.full import TRAINING_META, train_full
 
-# A "+ KD" run is "<strategy>-kd"; the distilled uniform emulator keeps the paper's label.
-KD_SUFFIX, KD_PAPER_LABELS = "-kd", {"uniform-kd": "OFT + KD"}
-DISTILLED_DIR, LR_CHOICE = "distilled", "lr.json"
 # What a re-run may change: tasks, strategies and seeds may grow. Every other setting decides what
 # a finished step produced (the checkpoint frequency of training does not).
 _GROWING_FIELDS = ("tasks", "strategies", "seeds", "full_ft", "distill")
-
-
-def _offsite_training() -> TrainConfig:
-    return TrainConfig(train_samples=2000)
-
-
-def _known_strategy(name: str) -> bool:
-    try:
-        get_strategy(name)
-    except UsageError:
-        return False
-    return True
-
-
-@dataclass
-class OffsiteConfig(Settings):
-    """Everything that defines a table run (stored as ``RUN_DIR/config.json``).
-
-    ``train`` is the training of every adapter and full fine-tuning of the table (full
-    fine-tuning takes its learning rate from ``full_ft_lrs``); its task and seed are set per run
-    from ``tasks`` and ``seeds``.
-    """
-
-    what: ClassVar[str] = "offsite"
-
-    model: str = setting(DEFAULT_MODEL, "Base model (alias, HF directory, .gguf file or hub id).")
-    tasks: list[str] = setting(help="Tasks (each needs a train split).", factory=lambda: ["piqa"])
-    strategies: list[str] = setting(help=f"Emulator strategies: {', '.join(STRATEGIES)}.",
-                                    factory=lambda: ["uniform", "crash", "crash-share"])
-    full_ft: bool = setting(True, "Include the full fine-tuning upper baseline.")
-    full_ft_lrs: list[float] = setting(
-        help="Full fine-tuning learning rates: the first seed trains once per rate, the lowest best validation loss "
-             "sets the rate of every seed (Offsite-Tuning's full fine-tuning uses 2e-5).",
-        factory=lambda: [2e-5, 5e-5, 1e-4])
-    distill: bool = setting(False, "Add a '+ KD' row per strategy: its emulator distilled on calibration text.")
-    k: int | None = setting(None, "Kept layers per emulator. Default: half the layers.")
-    trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
-    similarity_samples: int = setting(128, "Training examples used for the CRaSh layer similarity.")
-    eval_limit: int | None = setting(300, "Evaluation items per task.")
-    eval_split: str | None = setting(None, "Evaluation split. Default: each task's paper split.")
-    seeds: list[int] = setting(help="Seeds of the trained rows.", factory=lambda: [1])
-    distill_steps: int = setting(100, "Most distillation steps (--distill); the step kept has the best held-out loss.")
-    train: TrainConfig = setting(help="Training of the adapters and of full fine-tuning.", factory=_offsite_training)
-
-    def validate(self) -> None:
-        for task in self.tasks:
-            if task == CALIBRATION_TASK:
-                raise UsageError(f"task {task} cannot be a downstream task here: its training paragraphs are the "
-                                 "calibration text that chooses, distils and judges the emulators")
-            spec = get_task(task)
-            if "train" not in spec.splits():
-                raise UsageError(f"task {task} has no train split here (evaluation only); offsite needs trainable tasks")
-            if self.eval_split is not None and self.eval_split not in spec.splits():
-                raise UsageError(f"task {task} has no {self.eval_split!r} split; available: {', '.join(spec.splits())}")
-        unknown = [s for s in self.strategies if not _known_strategy(s)]
-        if unknown:
-            raise UsageError(f"unknown strategies {', '.join(unknown)}; choose from {', '.join(STRATEGIES)}")
-        if not self.strategies and not self.full_ft:
-            raise UsageError("nothing to run: give strategies or --full-ft")
-        if self.train.lora and self.full_ft:
-            raise UsageError("LoRA trains adapter layers, full fine-tuning trains every weight: drop --lora or add --no-full-ft")
-        if self.full_ft and (not self.full_ft_lrs or len(set(self.full_ft_lrs)) != len(self.full_ft_lrs)
-                             or not all(math.isfinite(lr) and lr > 0 for lr in self.full_ft_lrs)):
-            raise UsageError("--full-ft-lrs must be distinct positive learning rates, at least one")
-        self.check_positive("trainable", "similarity_samples", "distill_steps")
-        self.check_positive("eval_limit", "k", optional=True)
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError("seeds must be distinct and at least one")
-        if self.tasks:
-            self.training(self.tasks[0], self.seeds[0]).validate()
-        depth = load_config(self.model).num_hidden_layers  # a missing or unsupported model fails here, fast
-        if self.strategies:
-            plans.check_k(plans.default_k(depth) if self.k is None else self.k, depth, self.trainable)
-
-    def training(self, task: str, seed: int) -> TrainConfig:
-        """The training settings of one (task, seed) run."""
-        return replace(self.train, task=task, seed=seed)
-
-    def distillation(self) -> DistillConfig:
-        """The settings of every distillation of the table."""
-        return DistillConfig(steps=self.distill_steps, batch_size=self.train.batch_size, bf16=self.train.bf16)
-
-    def strategy_runs(self) -> list[str]:
-        """Runs of the strategy rows: each strategy, then each one's "+ KD" run when asked."""
-        return list(self.strategies) + ([s + KD_SUFFIX for s in self.strategies] if self.distill else [])
-
-
-def base_strategy(run: str) -> str:
-    """The strategy whose emulator a run uses ("uniform-kd": "uniform")."""
-    return run.removesuffix(KD_SUFFIX)
-
-
-def run_label(run: str) -> str:
-    """The table label of a run: the strategy's, with " + KD" for a distilled one."""
-    label = get_strategy(base_strategy(run)).label
-    return KD_PAPER_LABELS.get(run, f"{label} + KD") if run.endswith(KD_SUFFIX) else label
-
-
-def emulator_key(spec: EmulatorSpec) -> str:
-    """What makes two emulators the same (plan and sharing, not the settings of the similarity behind the plan)."""
-    data = spec.to_dict()
-    data["plan"] = {k: v for k, v in data["plan"].items() if k != "similarity"}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def full_ft_dir(run_dir: Path, task: str, lr: float, seed: int) -> Path:
-    return run_dir / task / "full_ft" / f"lr{lr:g}" / f"seed{seed}"
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -220,6 +118,7 @@ class Pipeline:
         self.config = config
         self.run_dir = Path(run_dir)
         self.console = console or Console()
+        self._scores: RemovalScores | None = None  # one calibration recording for every strategy and task
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -295,16 +194,36 @@ class Pipeline:
         self._step(path, f"{task}: layer similarity (CKA)", compute)
         return SimilarityResult.load(path)
 
+    def _removal_scores(self, model: nn.Module, tokenizer) -> RemovalScores:
+        if self._scores is None:
+            self._scores = removal_scores(model, tokenizer, self.config.calibration_samples)
+        return self._scores
+
+    def _make_plan(self, task: str, strategy: str, model: nn.Module | None, tokenizer) -> LayerPlan:
+        c = self.config
+        full, tok = (model, tokenizer) if model is not None else load_model(c.model)
+        entry = get_strategy(strategy)
+        similarity = self.similarity(task, full, tok) if SIMILARITY in entry.needs else None
+        scores = self._removal_scores(full, tok) if CALIBRATION in entry.needs else None
+        return plan_for(full, strategy, k=c.k, trainable=c.trainable, similarity=similarity, scores=scores, task=task,
+                        model_name=c.model, tokenizer=tok)
+
     def plan(self, task: str, strategy: str, model: nn.Module | None = None, tokenizer=None) -> LayerPlan:
-        """The strategy's plan for ``task`` (its figure first: the plan file is the step's checkpoint)."""
-        c, sdir = self.config, self.run_dir / task / strategy
+        """The strategy's plan for ``task`` (its figure first: the plan file is the step's checkpoint).
+
+        A plan that reads no task data (every strategy but CRaSh's) is made once, under
+        ``plans/<rule>.json``, and each task's ``plan.json`` is a copy of it."""
+        sdir = self.run_dir / task / strategy
+        entry = get_strategy(strategy)
+        shared = None if SIMILARITY in entry.needs else self.run_dir / PLANS_DIR / f"{entry.rule}.json"
+        if shared is not None:
+            self._step(shared, f"{entry.rule} plan (every task)",
+                       lambda: self._make_plan(task, strategy, model, tokenizer).save(shared))
 
         def make() -> None:
-            full, tok = (model, tokenizer) if model is not None else load_model(c.model)
-            needs_similarity = SIMILARITY in get_strategy(strategy).needs
-            similarity = self.similarity(task, full, tok) if needs_similarity else None
-            plan = plan_for(full, strategy, k=c.k, trainable=c.trainable, similarity=similarity, task=task,
-                            model_name=c.model, tokenizer=tok)
+            plan = LayerPlan.load(shared) if shared else self._make_plan(task, strategy, model, tokenizer)
+            similarity = SimilarityResult.load(self.run_dir / task / "similarity" / "similarity.json") \
+                if SIMILARITY in entry.needs else None
             plot_clusters(plan, sdir / "clusters.png", matrix=similarity.cka if similarity else None)
             plan.save(sdir / "plan.json")
 
@@ -380,103 +299,6 @@ class Pipeline:
         write_table(self.run_dir, table, self.config)
         write_report(self.run_dir)
         return table
-
-
-# ---------------------------------------------------------------------------------------------
-# The table
-
-
-def _acc(path: Path, task: str) -> float:
-    return float(read_json(path, "evaluation result")["scores"][task]["acc"])
-
-
-def _bundle_records(run_dir: Path, config: OffsiteConfig, key: str) -> dict[str, dict[str, dict]]:
-    """``{run: {task: record}}``: the ``key`` record of every emulator bundle of the run that has one."""
-    found: dict[str, dict[str, dict]] = {}
-    for run in config.strategy_runs():
-        for task in config.tasks:
-            bundle = run_dir / task / run / "emulator"
-            records = read_records(bundle) if (bundle / MANIFEST).is_file() else {}
-            if key in records:
-                found.setdefault(run, {})[task] = records[key]
-    return found
-
-
-def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
-    """Collect every finished evaluation under ``run_dir`` into the table's rows."""
-    tasks, seeds = list(config.tasks), list(config.seeds)
-    lrs = {t: read_json(p, "learning-rate choice") for t in tasks if (p := run_dir / t / "full_ft" / LR_CHOICE).exists()}
-
-    def collect(path_of: Callable[[str, int], Path | None], runs: list[int] = seeds) -> dict[str, dict[int, float]]:
-        paths = {task: {seed: path_of(task, seed) for seed in runs} for task in tasks}
-        return {t: {s: _acc(p, t) for s, p in found.items() if p is not None and p.exists()} for t, found in paths.items()}
-
-    zero_shot = collect(lambda t, s: run_dir / t / "full_zs.json", [0])
-    rows = [table_row("Full ZS", zero_shot)]
-    full_ft = collect(lambda t, s: full_ft_dir(run_dir, t, lrs[t]["chosen"], s) / "eval.json" if t in lrs else None)
-    if config.full_ft:
-        rows.append(table_row("Full FT", full_ft, lr={t: choice["chosen"] for t, choice in lrs.items()}))
-    for run in config.strategy_runs():
-        def at(name: str, run: str = run) -> Callable[[str, int], Path]:
-            return lambda t, s: run_dir / t / run / name.format(seed=s)
-
-        label = run_label(run)
-        rows.append(table_row(f"{label}, Emu ZS", collect(at("emu_zs.json"), [0]), run=run))
-        rows.append(table_row(f"{label}, Emu FT", collect(at("seed{seed}/emu_ft.json")), run=run))
-        plugin = collect(at("seed{seed}/plugin.json"))
-        gain = gain_recovered(zero_shot, full_ft, plugin) if config.full_ft else {}
-        rows.append(table_row(f"{label}, Plug-in", plugin, run=run, **gain))
-    distilled = {run: {task: {key: record[key] for key in ("chosen_step", "before", "after")}
-                       for task, record in by_task.items()}
-                 for run, by_task in _bundle_records(run_dir, config, "distillation").items()}
-    return {"model": config.model, "tasks": tasks, "seeds": seeds, "metric": "acc", "rows": rows, "full_ft_lr": lrs,
-            "fidelity": _bundle_records(run_dir, config, "fidelity"), "distillation": distilled,
-            "config": config.to_dict()}
-
-
-def task_curves(run_dir: Path, task: str, config: OffsiteConfig) -> dict[str, list[tuple[str, list, list]]]:
-    """The validation curves of ``task``: each training's answer-token loss, each distillation's held-out LM loss."""
-    answer: list[tuple[str, list, list]] = []
-    distillation: list[tuple[str, list, list]] = []
-
-    def add(lines: list, label: str, curve: list[dict]) -> None:
-        lines.append((label, [point["step"] for point in curve], [point["val_loss"] for point in curve]))
-
-    choice = run_dir / task / "full_ft" / LR_CHOICE
-    lr = read_json(choice, "learning-rate choice")["chosen"] if choice.exists() else None
-    for seed in config.seeds:
-        path = full_ft_dir(run_dir, task, lr, seed) / "model" / TRAINING_META if lr is not None else None
-        if path is not None and path.exists():
-            add(answer, f"Full FT (lr {lr:g}), seed {seed}", read_json(path, "training record")["validation_curve"])
-    for run in config.strategy_runs():
-        for seed in config.seeds:
-            path = run_dir / task / run / f"seed{seed}" / "adapter" / ADAPTER_META
-            if path.exists():
-                add(answer, f"{run_label(run)}, seed {seed}", read_json(path, "adapter record")["validation_curve"])
-        bundle = run_dir / task / run / "emulator"
-        if run.endswith(KD_SUFFIX) and (bundle / MANIFEST).is_file():
-            add(distillation, run_label(run), read_records(bundle)["distillation"]["validation_curve"])
-    panels = {"validation loss (answer tokens)": answer, "distillation: held-out calibration LM loss": distillation}
-    return {name: lines for name, lines in panels.items() if lines}
-
-
-def write_table(run_dir: Path, table: dict, config: OffsiteConfig) -> None:
-    """The table as JSON, Markdown and a figure; the fidelity-against-gain figure; each task's curves."""
-    write_json(run_dir / "table.json", table)
-    with atomic_path(run_dir / "table.md") as tmp:
-        tmp.write_text(table_markdown(table), encoding="utf-8")
-    plot_offsite_table(table, run_dir / "table.png")
-    points = []
-    for row in table["rows"]:
-        kls = [record["kl"] for record in table["fidelity"].get(row.get("run"), {}).values()]
-        if "gain_recovered" in row and kls:
-            points.append((run_label(row["run"]), statistics.fmean(kls), row["gain_recovered"], row["gain_recovered_std"]))
-    if points:
-        plot_fidelity_gain(points, run_dir / FIDELITY_FIGURE, f"Fidelity and transfer on {Path(config.model).name}")
-    for task in config.tasks:
-        panels = task_curves(run_dir, task, config)
-        if panels:
-            plot_training_curves(panels, run_dir / task / CURVES_FIGURE, f"{task}: validation curves")
 
 
 def run_offsite(config: OffsiteConfig, run_dir: str | Path, console: Console | None = None) -> dict:
