@@ -521,7 +521,7 @@ def test_no_disk_space_keeps_the_previous_result(assets, tmp_path, capsys, monke
 def test_no_disk_space_in_a_bundle_with_sharing(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(crashlm.core.io, "save_file", half_written())
     out = tmp_path / "bundle"
-    fails(["emulator", "--model", str(assets["model"]), "--strategy", "crash-share", "--similarity",
+    fails(["emulator", "--no-fidelity", "--model", str(assets["model"]), "--strategy", "crash-share", "--similarity",
            str(assets["similarity"]), "--k", "3", "--trainable", "2", "--out", str(out)], capsys, code=1,
           match="No space left on device")
     assert not out.exists() and not leftovers(tmp_path)
