@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.io import write_json
 from crashlm.emulators.bundle import read_manifest
 from crashlm.experiments.offsite import OffsiteConfig, Pipeline, build_table, write_table
+from crashlm.experiments.offsite_config import run_label
 from crashlm.outputs.tables import gain_recovered, table_markdown
 from crashlm.training.checkpoint import checkpoint_dir
 from crashlm.training.config import TrainConfig
@@ -161,6 +163,19 @@ def test_offsite_refuses_boolq_whose_paragraphs_are_the_calibration_text(tmp_pat
     code, _, err = run_cli(["offsite", "--tasks", "boolq", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "task boolq cannot be a downstream task" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_kd_rows_for_every_strategy_or_the_ones_named(tiny_llama_dir):
+    config = OffsiteConfig(model=str(tiny_llama_dir), tasks=["piqa"], strategies=["uniform", "greedy-share", "drop-last"],
+                           distill=True)
+    assert config.strategy_runs() == ["uniform", "greedy-share", "drop-last", "uniform-kd", "greedy-share-kd",
+                                      "drop-last-kd"]
+    config = replace(config, distill_strategies=["drop-last"])
+    assert config.strategy_runs()[3:] == ["drop-last-kd"]
+    assert [run_label(r) for r in config.strategy_runs()] == ["Uniform", "Greedy (SLEB) + sharing", "Drop last",
+                                                                "Drop last + KD"]
+    with pytest.raises(UsageError, match="among the strategies; crash is not"):
+        replace(config, distill_strategies=["crash"]).validate()
 
 
 def test_full_ft_learning_rate_is_chosen_on_validation_loss(tmp_path, tiny_llama_dir, monkeypatch):

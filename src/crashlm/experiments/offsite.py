@@ -75,7 +75,7 @@ from crashlm.training.full import TRAINING_META, train_full
 
 # What a re-run may change: tasks, strategies and seeds may grow. Every other setting decides what
 # a finished step produced (the checkpoint frequency of training does not).
-_GROWING_FIELDS = ("tasks", "strategies", "seeds", "full_ft", "distill")
+_GROWING_FIELDS = ("tasks", "strategies", "seeds", "full_ft", "distill", "distill_strategies")
 
 
 def _link_or_copy(source: str, target: str) -> None:

@@ -63,6 +63,8 @@ class OffsiteConfig(Settings):
              "sets the rate of every seed (Offsite-Tuning's full fine-tuning uses 2e-5).",
         factory=lambda: [2e-5, 5e-5, 1e-4])
     distill: bool = setting(False, "Add a '+ KD' row per strategy: its emulator distilled on calibration text.")
+    distill_strategies: list[str] | None = setting(
+        None, "With --distill: the strategies that get a '+ KD' row (each one of --strategies). Default: all of them.")
     k: int | None = setting(None, "Kept layers per emulator. Default: half the layers.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
     similarity_samples: int = setting(128, "Training examples used for the CRaSh layer similarity.")
@@ -94,6 +96,9 @@ class OffsiteConfig(Settings):
                              or not all(math.isfinite(lr) and lr > 0 for lr in self.full_ft_lrs)):
             raise UsageError("--full-ft-lrs must be distinct positive learning rates, at least one")
         self.check_positive("trainable", "similarity_samples", "calibration_samples", "distill_steps")
+        extra = sorted(set(self.distill_strategies or ()) - set(self.strategies))
+        if extra:
+            raise UsageError(f"distill_strategies must be among the strategies; {', '.join(extra)} is not")
         self.check_positive("eval_limit", "k", optional=True)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError("seeds must be distinct and at least one")
@@ -113,7 +118,8 @@ class OffsiteConfig(Settings):
 
     def strategy_runs(self) -> list[str]:
         """Runs of the strategy rows: each strategy, then each one's "+ KD" run when asked."""
-        return list(self.strategies) + ([s + KD_SUFFIX for s in self.strategies] if self.distill else [])
+        distilled = [s for s in self.strategies if self.distill_strategies is None or s in self.distill_strategies]
+        return list(self.strategies) + ([s + KD_SUFFIX for s in distilled] if self.distill else [])
 
 
 def base_strategy(run: str) -> str:
