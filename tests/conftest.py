@@ -51,3 +51,27 @@ def tiny(request):
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny Llama saved as a HF directory, for ``--model PATH`` in CLI tests (read-only: copy before changing)."""
     return save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def cpu_one_thread(monkeypatch):
+    """CPU even on a GPU host (bit-identity, after a resume too, is a CPU promise), torch on one thread."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def interrupt_distillation(monkeypatch, step: int) -> None:
+    """Ctrl-C when the distillation asks for the batch of ``step``: a kill after the checkpoints before it."""
+    from crashlm.emulators import distill
+
+    real_batch = distill.TextBatches.batch
+
+    def interrupted(self, asked):
+        if asked == step:
+            raise KeyboardInterrupt
+        return real_batch(self, asked)
+
+    monkeypatch.setattr(distill.TextBatches, "batch", interrupted)

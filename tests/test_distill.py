@@ -16,19 +16,13 @@ from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing, uniform_plan
 from crashlm.training.checkpoint import CheckpointStore, checkpoint_dir
 from tests.cli import run_cli
+from tests.conftest import interrupt_distillation
 from tests.tiny import CORPUS, save_tiny, tiny_model
 
 L = 6
 
 
-@pytest.fixture(autouse=True)
-def cpu_one_thread(monkeypatch):
-    """CPU even on a GPU host (bit-identity after a resume is a CPU promise), torch on one thread."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_one_thread")
 
 
 def teacher_and_emulator(kept: list[int], trainable: list[int], sharing: Sharing = Sharing.NONE):
@@ -131,14 +125,7 @@ def test_cli_distills_any_bundle_on_calibration_text_and_resumes(tmp_path, capsy
     out = tmp_path / "distilled"
     args = ["distill", "--model", str(teacher), "--emulator", str(bundle), "--steps", "4", "--eval-every", "2",
             "--val-texts", "4", "--batch-size", "2", "--max-length", "32", "--no-bf16", "--out", str(out)]
-    real_batch = distill.TextBatches.batch
-
-    def interrupted(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_batch(self, step)
-
-    monkeypatch.setattr(distill.TextBatches, "batch", interrupted)
+    interrupt_distillation(monkeypatch, 3)
     assert run_cli(args, capsys)[0] == 130
     monkeypatch.undo()
     code, _, err = run_cli([*args, "--lr", "1e-3"], capsys)

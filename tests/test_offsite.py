@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-import crashlm.emulators.distill as distill
 import crashlm.experiments.offsite as offsite
 from crashlm.core.errors import UsageError
 from crashlm.core.io import write_json
@@ -23,6 +22,7 @@ from crashlm.training.checkpoint import checkpoint_dir
 from crashlm.training.config import TrainConfig
 from crashlm.training.full import TRAINING_META
 from tests.cli import run_cli
+from tests.conftest import interrupt_distillation
 from tests.tiny import save_tiny
 
 ROWS = [
@@ -219,14 +219,7 @@ def test_distill_adds_a_kd_row_per_strategy_and_distils_each_emulator_once(tmp_p
             "--similarity-samples", "8", "--train-samples", "8", "--val-samples", "4", "--max-steps", "1",
             "--batch-size", "4", "--eval-limit", "4", "--max-length", "64", "--out", str(run_dir)]
     # Interrupted (Ctrl-C) during the first distillation, after its first checkpoint.
-    real_batch = distill.TextBatches.batch
-
-    def killed(self, step):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_batch(self, step)
-
-    monkeypatch.setattr(distill.TextBatches, "batch", killed)
+    interrupt_distillation(monkeypatch, 2)
     assert run_cli(args, capsys)[0] == 130
     partial = [path for path in (run_dir / "distilled").iterdir() if path.name.endswith(".partial")]
     assert len(partial) == 1 and (partial[0] / "latest.json").is_file()

@@ -57,14 +57,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
        "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(autouse=True)
-def cpu_one_thread(monkeypatch):
-    """CPU even on a GPU host (bit-identity is a CPU promise), torch on one thread."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("cpu_one_thread")
 
 
 def tiny_config(**overrides) -> TrainConfig:
