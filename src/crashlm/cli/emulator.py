@@ -21,6 +21,7 @@ from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.fidelity import spec_fidelity
 from crashlm.emulators.plans import DEFAULT_TRAINABLE, EmulatorSpec, LayerPlan, Sharing
 from crashlm.emulators.strategies import (
+    DEFAULT_CALIBRATION_SAMPLES,
     DEFAULT_MAX_LOSS_INCREASE,
     SHARE_SUFFIX,
     SIMILARITY,
@@ -62,7 +63,8 @@ def emulator(
                                            "whose removal costs the most calibration loss.",
     ),
     calibration_samples: int = typer.Option(
-        64, "--calibration-samples", help="Calibration paragraphs for strategies that score removals, and --k auto."
+        DEFAULT_CALIBRATION_SAMPLES, "--calibration-samples",
+        help="Calibration paragraphs for strategies that score removals, and --k auto."
     ),
     fidelity: bool = typer.Option(True, "--fidelity/--no-fidelity", help="Measure the emulator's fidelity (crashlm.json)."),
     similarity: Optional[Path] = typer.Option(

@@ -55,6 +55,8 @@ SHARE_SUFFIX = "-share"
 K_RULES = ("auto", "gap")
 # --k auto: the smallest K whose emulator's calibration loss is within this fraction of the full model's.
 DEFAULT_MAX_LOSS_INCREASE = 0.25
+# Calibration paragraphs the strategies score removals on (the greedy search's cost grows with them).
+DEFAULT_CALIBRATION_SAMPLES = 32
 # cka: linear CKA of pooled hidden states; lens: 1 - normalised JS divergence of logit-lens distributions.
 SIMILARITY_SOURCES = ("cka", "lens")
 # A CKA result, or the L - 1 adjacent-layer similarities themselves (entry b: layers b and b + 1).
@@ -245,7 +247,8 @@ def _similarity(
 
 
 def removal_scores(
-    model: nn.Module, tokenizer: Any, samples: int = 64, max_length: int = 128, batch_size: int = 8, progress: bool = True
+    model: nn.Module, tokenizer: Any, samples: int = DEFAULT_CALIBRATION_SAMPLES, max_length: int = 128,
+    batch_size: int = 8, progress: bool = True,
 ) -> RemovalScores:
     """The full ``model``'s removal scores on the first ``samples`` texts of the calibration search slice."""
     if tokenizer is None:
@@ -292,7 +295,7 @@ def plan_for(
     pooling: str = "mean_weighted",
     batch_size: int = 16,
     dtype: torch.dtype = torch.float32,
-    calibration_samples: int = 64,
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
 ) -> LayerPlan:
     """The layer plan of ``strategy`` for the full ``model``, stamped with its fingerprint and name.
 

@@ -22,7 +22,14 @@ from crashlm.core.settings import Settings, setting
 from crashlm.core.tasks import ANALYSIS_SPLIT, get_task
 from crashlm.emulators import plans
 from crashlm.emulators.fidelity import FIDELITY_LENGTH, FIDELITY_TEXTS, heldout_texts, spec_fidelity
-from crashlm.emulators.strategies import SIMILARITY, STRATEGIES, get_strategy, plan_for, removal_scores
+from crashlm.emulators.strategies import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    SIMILARITY,
+    STRATEGIES,
+    get_strategy,
+    plan_for,
+    removal_scores,
+)
 from crashlm.outputs.fidelity import fidelity_markdown, plot_fidelity
 
 
@@ -37,7 +44,8 @@ class FidelityConfig(Settings):
                                     factory=lambda: list(STRATEGIES))
     ks: list[int] | None = setting(None, "Emulator sizes K. Default: half the layers.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
-    calibration_samples: int = setting(32, "Calibration paragraphs the strategies search on (search slice).")
+    calibration_samples: int = setting(DEFAULT_CALIBRATION_SAMPLES,
+                                       "Calibration paragraphs the strategies search on (search slice).")
     texts: int = setting(FIDELITY_TEXTS, "Held-out calibration paragraphs fidelity is measured on.")
     max_length: int = setting(FIDELITY_LENGTH, "Truncate calibration paragraphs to this many tokens.")
     similarity_task: str = setting("piqa", "Task whose training inputs give CRaSh's layer similarity.")

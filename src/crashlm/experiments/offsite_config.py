@@ -22,7 +22,7 @@ from crashlm.core.tasks import get_task
 from crashlm.emulators import plans
 from crashlm.emulators.distill import DistillConfig
 from crashlm.emulators.plans import EmulatorSpec
-from crashlm.emulators.strategies import STRATEGIES, get_strategy
+from crashlm.emulators.strategies import DEFAULT_CALIBRATION_SAMPLES, STRATEGIES, get_strategy
 from crashlm.training.config import TrainConfig
 
 # A "+ KD" run is "<strategy>-kd"; the distilled uniform emulator keeps the paper's label.
@@ -68,7 +68,8 @@ class OffsiteConfig(Settings):
     k: int | None = setting(None, "Kept layers per emulator. Default: half the layers.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
     similarity_samples: int = setting(128, "Training examples used for the CRaSh layer similarity.")
-    calibration_samples: int = setting(32, "Calibration paragraphs the calibration strategies score removals on.")
+    calibration_samples: int = setting(DEFAULT_CALIBRATION_SAMPLES,
+                                       "Calibration paragraphs the calibration strategies score removals on.")
     eval_limit: int | None = setting(300, "Evaluation items per task.")
     eval_split: str | None = setting(None, "Evaluation split. Default: each task's paper split.")
     seeds: list[int] = setting(help="Seeds of the trained rows.", factory=lambda: [1])
