@@ -4,7 +4,7 @@
 stopped run holds, for the tasks given, without running anything:
 
     .venv/bin/python benchmarks/offsite_table.py runs/offsite_smollm2 --tasks piqa \
-        --out benchmarks/results/offsite_smollm2.json
+        --out benchmarks/results/offsite_smollm2_main2000.json
 """
 
 from __future__ import annotations
