@@ -46,7 +46,7 @@ from crashlm.core.tasks import ANALYSIS_SPLIT
 from crashlm.emulators.bundle import MANIFEST, load_emulator, read_records, save_bundle
 from crashlm.emulators.distill import calibration_inputs, distill_emulator
 from crashlm.emulators.emulator import build_emulator
-from crashlm.emulators.fidelity import emulator_fidelity
+from crashlm.emulators.fidelity import spec_fidelity
 from crashlm.emulators.finetune import train_adapter
 from crashlm.emulators.plans import LayerPlan
 from crashlm.emulators.strategies import (
@@ -232,11 +232,10 @@ class Pipeline:
 
     def _build(self, task: str, strategy: str, bundle: Path) -> None:
         model, tokenizer = load_model(self.config.model)
-        plan = self.plan(task, strategy, model, tokenizer)
-        emulator = build_emulator(model, tokenizer, get_strategy(strategy).spec(plan))
-        full, _ = load_model(self.config.model)
-        fidelity = emulator_fidelity(full, emulator, bf16=self.config.train.bf16)
-        save_bundle(emulator, bundle, extra={"fidelity": fidelity.to_dict()})
+        spec = get_strategy(strategy).spec(self.plan(task, strategy, model, tokenizer))
+        # Before building, which consumes the model: an untrained emulator is its slots' layers of the full model.
+        fidelity = spec_fidelity(model, tokenizer, {strategy: spec}, bf16=self.config.train.bf16)[strategy]
+        save_bundle(build_emulator(model, tokenizer, spec), bundle, extra={"fidelity": fidelity.to_dict()})
 
     def distilled(self, task: str, strategy: str) -> Path:
         """The distilled bundle of the strategy's emulator for ``task``: made once per distinct emulator."""
