@@ -2,7 +2,7 @@
 
 Every configuration trains on the same synthetic batch (B rows of T tokens, the last A of them
 the answer) with the training loop's step: answer-token loss
-(:func:`crashlm.training.task.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
+(:func:`crashlm.core.scoring.batch_answer_loss`), backward, gradient clipping, AdamW, in the precision
 ``crashlm train`` picks (:func:`crashlm.training.runtime.use_bf16`: bf16 autocast where the device computes
 bf16 natively, fp32 elsewhere). Each runs in a fresh worker process, so its peak memory is its own:
 
@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 import torch
+from profiling import breakdown, format_breakdown, profile_steps, record_function
 
 CONFIGS = ("full", "uniform", "crash", "crash-share")
 # SmolLM2-135M's architecture, for --random-init where the model files are absent (GPU machine).
@@ -195,7 +196,7 @@ def worker(args) -> dict:
     from crashlm.emulators.plans import LayerPlan
     from crashlm.emulators.strategies import get_strategy
     from crashlm.training.runtime import use_bf16
-    from crashlm.training.task import batch_answer_loss
+    from crashlm.core.scoring import batch_answer_loss
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)
@@ -213,21 +214,33 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len, args.answer_len, device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        _sync(device)
-        start = time.perf_counter()
+    losses = []
+
+    def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch_answer_loss(model, batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         _sync(device)
+        losses.append(float(loss))
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        train_step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     memory = rss.stop() if rss else torch.cuda.max_memory_allocated(device)
     seconds = sum(times) / len(times)
+    profiled = {}
+    if args.profile:
+        prof, profiled_seconds = profile_steps(train_step, args.steps)
+        profiled = {"profile": breakdown(prof, profiled_seconds, args.steps, model.config.vocab_size),
+                    "profiled_step_seconds": profiled_seconds}
     flops = step_flops(model, {id(p) for p in params}, args.batch_size, args.seq_len, args.answer_len)
     return {
         "config": args.worker,
@@ -239,7 +252,8 @@ def worker(args) -> dict:
         "peak_memory_bytes": int(memory),
         "flops_per_step": flops,
         "achieved_flops": flops / seconds,
-        "loss": float(loss),
+        "loss": losses[-1],
+        **profiled,
     }
 
 
@@ -262,6 +276,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps (default 5; quick 1)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 1)")
     parser.add_argument("--similarity-samples", type=int, help="examples for the crash plan's CKA (default 64; quick 16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the timed steps and print where each configuration's step time goes")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,6 +293,7 @@ def forwarded(args) -> list[str]:
                "--seq-len", str(args.seq_len), "--answer-len", str(args.answer_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
     options += ["--threads", str(args.threads)] if args.threads else []
+    options += ["--profile"] if args.profile else []
     return options + (["--random-init"] if args.random_init else [])
 
 
@@ -332,6 +349,9 @@ def main(argv=None) -> None:
         print(f"{name:<12}{row['positions']:>10}{row['trainable_parameters']:>12,}{row['tokens_per_second']:>10.0f}"
               f"{row['speedup_vs_full']:>8.2f}{row['peak_memory_bytes'] / 2**20:>10.0f}{row['memory_vs_full']:>8.2f}"
               f"{row['achieved_flops'] / 1e9:>9.1f}{100 * row['utilisation']:>6.1f}%")
+    if args.profile:
+        for name, row in rows.items():
+            print(format_breakdown(f"{name} (profiled)", row["profile"]))
     summary = {
         "benchmark": "bench_train", "model": args.model, "random_init": args.random_init, "device": str(device),
         "machine": machine(device), "quick": args.quick, "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -22,6 +22,7 @@ padding side never changes a position id.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
@@ -155,16 +156,47 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor
             "targets": labels[:, 1:]}
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each target token (0 where the target is ignored), shape [B, T]."""
-    mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-
-
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the target tokens of a batch (logits and targets aligned)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+@contextlib.contextmanager
+def unembed_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
+    """Feed the unembedding only the hidden states at (rows, positions), as one [1, N, d] batch.
+
+    Works on every architecture: the model's own unembedding (and any logit soft-capping after
+    it) runs unchanged, on N positions instead of all B * T. A 49k-token vocabulary makes the
+    unembedding and its softmax a large share of a small model's compute, and only the positions
+    that predict a scored token need them; gathering them also keeps the unembedding one flat
+    matmul (a strided slice of the hidden states would run it as a slower batched one).
+    """
+
+    def pick(_module, args):
+        return (args[0][rows, positions][None], *args[1:])
+
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
+    handle = inner.get_output_embeddings().register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def target_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits [N, V], targets [N], rows [N])`` at the N positions of a :func:`collate` batch whose
+    target is set; ``rows`` says which row each comes from."""
+    targets = batch["targets"]
+    rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    with unembed_only(model, rows, positions):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return logits[0], targets[rows, positions], rows
+
+
+def batch_answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over a :func:`collate` batch's target tokens, unembedding only those positions."""
+    logits, targets, _ = target_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
@@ -186,9 +218,10 @@ def _pair_logprobs(
     for chunk in batches(order, batch_size):
         batch = {k: v.to(device) for k, v in collate([pairs[i] for i in chunk], pad_token_id(tokenizer)).items()}
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        targets = batch["targets"]
-        yield chunk, token_logprobs(logits, targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
+            logits, targets, rows = target_logits(model, batch)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        sums = logp.new_zeros(len(chunk)).index_add_(0, rows, logp)
+        yield chunk, sums, (batch["targets"] != IGNORE_INDEX).sum(-1)
 
 
 @torch.no_grad()

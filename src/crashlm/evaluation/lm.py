@@ -20,7 +20,6 @@ them, the same context/continuation split and left truncation) with less compute
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -39,6 +38,7 @@ from crashlm.core.scoring import (
     pad_token_id,
     prefix_token_id,
     truncate_request,
+    unembed_only,
 )
 from crashlm.core.settings import check_int
 
@@ -244,7 +244,7 @@ class CrashlmLM(LM):
             inputs["attention_mask"] = (segments >= 0).long().to(self._device)
         rows_t = torch.tensor(where_row, device=self._device)
         pos_t = torch.tensor(where_pos, device=self._device)
-        with _unembed_only(self.model, rows_t, pos_t):
+        with unembed_only(self.model, rows_t, pos_t):
             logits = self.model(**inputs, use_cache=False).logits[0]  # [positions, vocab]
         targets_t = torch.tensor(targets, device=self._device)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets_t[:, None]).squeeze(-1)
@@ -292,21 +292,3 @@ class CrashlmLM(LM):
         raise NotImplementedError(
             "crashlm evaluates multiple-choice (loglikelihood) tasks only; generation tasks are not supported"
         )
-
-
-@contextlib.contextmanager
-def _unembed_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
-    """Feed the unembedding only the hidden states at (rows, positions), as one [1, N, d] batch.
-
-    Works on every architecture: the model's own unembedding (and any logit soft-capping after
-    it) runs unchanged, on N positions instead of all B * T.
-    """
-
-    def pick(_module, args):
-        return (args[0][rows, positions][None], *args[1:])
-
-    handle = model.get_output_embeddings().register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()

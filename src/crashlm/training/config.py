@@ -9,6 +9,8 @@ from crashlm.core.settings import Settings, setting
 from crashlm.core.tasks import SOURCES, get_task
 
 SCHEDULES = ("cosine", "linear")
+# Micro-batches per window sorted by length (larger: less padding, less random batch composition).
+LENGTH_GROUP_BATCHES = 16
 
 
 @dataclass
@@ -27,6 +29,10 @@ class TrainConfig(Settings):
     lr: float = setting(1e-4, "Peak learning rate of AdamW.")
     batch_size: int = setting(8, "Examples per micro-batch and process.")
     grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step.")
+    group_by_length: bool = setting(
+        True, f"Batch examples of similar length together (sorted within windows of {LENGTH_GROUP_BATCHES} batches "
+              "of the seeded order, the batches then shuffled): less padding, faster steps."
+    )
     seed: int = setting(1, "Seed of data order and initialisation (not of the validation split).")
     max_length: int = setting(256, "Tokens the model reads per example at most; a longer one loses the start of its "
                                    "context, as evaluation with the same --max-length does.")

@@ -17,8 +17,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from crashlm.core.scoring import (
-    IGNORE_INDEX,
-    answer_loss,
+    batch_answer_loss,
     collate,
     encode_example,
     mean_answer_loss,
@@ -32,20 +31,6 @@ from crashlm.training.runtime import accelerator, sharding
 
 # Settings that do not change a run's result: a resumed run may use other values.
 VOLATILE_SETTINGS = ("checkpoint_every",)
-
-
-def batch_answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """:func:`~crashlm.core.scoring.answer_loss` of a batch, unembedding only from the first answer position on.
-
-    The unembedding and its softmax are a large share of a small model's compute (SmolLM2:
-    49k vocabulary vs 576 hidden), and only answer positions need them.
-    """
-    targets = batch["targets"]
-    answer = (targets != IGNORE_INDEX).any(0).nonzero()
-    start = int(answer[0]) if len(answer) else 0
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=targets.shape[1] - start).logits
-    return answer_loss(logits, targets[:, start:])
 
 
 def _validation(acc: Accelerator, shards: str | None, tokenizer, val: Sequence,
@@ -92,7 +77,9 @@ def train_on_task(model: nn.Module, tokenizer, config: TrainConfig, out_dir: str
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     train, val = split_examples(config)
     pairs = [encode_example(tokenizer, ex, config.max_length) for ex in train]
-    micro = MicroBatches(pairs, config.batch_size, config.grad_accum, acc.num_processes, acc.process_index, config.seed)
+    lengths = [len(p.input_ids) for p in pairs] if config.group_by_length else None
+    micro = MicroBatches(pairs, config.batch_size, config.grad_accum, acc.num_processes, acc.process_index, config.seed,
+                         lengths)
     pad_id = pad_token_id(tokenizer)
 
     def batches(step: int) -> list[dict[str, torch.Tensor]]:
