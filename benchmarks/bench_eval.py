@@ -11,6 +11,12 @@ times, and the best time of each counts, so a busy machine penalises both alike.
 
     .venv/bin/python benchmarks/bench_eval.py [--quick] [--model smollm2-135m] [--tasks piqa,arc_easy]
 
+Achieved FLOP/s of crashlm's pass: 2 FLOPs per decoder parameter and real input token (padding
+and the context packing saves are not counted) plus 2 per unembedding parameter and unembedded
+position (:attr:`CrashlmLM.counts`), over its wall time, against this machine's matmul peak in
+crashlm's compute dtype. ``--profile`` also prints where crashlm's time goes
+(:mod:`profiling`).
+
 ``--without-bos`` also scores crashlm with the tokenizer's BOS turned off (what crashlm did before
 its encoding became lm-eval's), to measure what a missing BOS costs on a model that expects one.
 
@@ -33,8 +39,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
+from profiling import breakdown, format_breakdown, matmul_peak, matmul_rate, profile_steps  # noqa: E402
 
-from crashlm.core.models import load_model  # noqa: E402
+from crashlm.core.models import get_layers, load_model  # noqa: E402
 from crashlm.core.tasks import get_task, load_examples  # noqa: E402
 from crashlm.evaluation.lm import CrashlmLM  # noqa: E402
 
@@ -75,6 +82,7 @@ def main() -> None:
     parser.add_argument("--without-bos", action="store_true",
                         help="also score crashlm with the tokenizer's BOS turned off (accuracy only)")
     parser.add_argument("--quick", action="store_true", help="a small run (under a minute)")
+    parser.add_argument("--profile", action="store_true", help="also profile crashlm's pass and print where its time goes")
     args = parser.parse_args()
     limit = 4 if args.quick else args.limit
     repeats = 1 if args.quick else args.repeats
@@ -89,6 +97,11 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine() + ' CPU'}; "
           f"crashlm dtype {str(ours.dtype)[6:]}, batch size {args.batch_size}, {limit} items per task, {repeats} repeats")
 
+    peak = matmul_peak(torch.device(ours._device), ours.dtype)
+    decoder = sum(p.numel() for p in get_layers(model).parameters())
+    unembedding = model.get_output_embeddings().weight.numel()
+    print(f"matmul peak in {str(ours.dtype)[6:]}: {peak / 1e9:.1f} GFLOP/s")
+
     per_task = {}
     totals = {"requests": 0, "hflm_wall": 0.0, "crashlm_wall": 0.0, "hflm_cpu": 0.0, "crashlm_cpu": 0.0}
     for task in args.tasks.split(","):
@@ -101,6 +114,7 @@ def main() -> None:
                 seconds, cpu_seconds, values[name] = _timed(lm, instances)
                 wall[name], cpu[name] = min(wall[name], seconds), min(cpu[name], cpu_seconds)
         n = len(instances)
+        flops = 2 * decoder * ours.counts["tokens"] + 2 * unembedding * ours.counts["unembedded"]
         row = {
             "items": len(examples),
             "requests": n,
@@ -112,6 +126,10 @@ def main() -> None:
             "crashlm_acc": _accuracy(values["crashlm"], examples),
             "max_abs_loglik_diff": max(abs(a - b) for a, b in zip(values["hflm"], values["crashlm"])),
             "packed": ours.packed,
+            "crashlm_flops": flops,
+            "crashlm_achieved_flops": flops / wall["crashlm"],
+            "crashlm_utilisation": flops / wall["crashlm"] / peak,
+            "padding_share": 1 - ours.counts["tokens"] / ours.counts["positions"],
         }
         if args.without_bos:
             no_bos = copy.deepcopy(tok)
@@ -125,8 +143,17 @@ def main() -> None:
             totals[f"{name}_cpu"] += cpu[name]
         print(f"{task}: {n} requests; HFLM fp32 {row['hflm_req_per_s']:.2f} req/s, crashlm {row['crashlm_req_per_s']:.2f} "
               f"req/s; speedup {row['speedup']:.2f}x (CPU time {row['speedup_cpu_time']:.2f}x); acc HFLM "
-              f"{row['hflm_acc']:.3f} crashlm {row['crashlm_acc']:.3f}; max |dlogL| {row['max_abs_loglik_diff']:.2e}"
+              f"{row['hflm_acc']:.3f} crashlm {row['crashlm_acc']:.3f}; max |dlogL| {row['max_abs_loglik_diff']:.2e}; "
+              f"crashlm {row['crashlm_achieved_flops'] / 1e9:.1f} GFLOP/s ({100 * row['crashlm_utilisation']:.0f} % of "
+              f"peak, {100 * row['padding_share']:.0f} % padding)"
               + (f"; crashlm without BOS {row['crashlm_without_bos_acc']:.3f}" if args.without_bos else ""))
+
+    if args.profile:
+        everything = [inst for task in args.tasks.split(",") for inst in _requests(task, limit, args.split)[0]]
+        prof, seconds = profile_steps(lambda: ours.loglikelihood(everything, disable_tqdm=True), 1)
+        print(format_breakdown(f"crashlm scoring all {len(everything)} requests (profiled)",
+                               breakdown(prof, seconds, 1, model.config.vocab_size)))
+        print(f"  matmuls themselves: {matmul_rate(prof) / 1e9:.1f} GFLOP/s, {100 * matmul_rate(prof) / peak:.0f} % of the peak")
 
     summary = {
         "bench": "eval",
@@ -140,6 +167,8 @@ def main() -> None:
         "crashlm_req_per_s": totals["requests"] / totals["crashlm_wall"],
         "speedup": totals["hflm_wall"] / totals["crashlm_wall"],
         "speedup_cpu_time": totals["hflm_cpu"] / totals["crashlm_cpu"],
+        "matmul_peak_flops": peak,
+        "crashlm_achieved_flops": sum(r["crashlm_flops"] for r in per_task.values()) / totals["crashlm_wall"],
         "tasks": per_task,
     }
     print(f"overall: HFLM fp32 {summary['hflm_req_per_s']:.2f} req/s, crashlm {summary['crashlm_req_per_s']:.2f} req/s, "

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from profiling import breakdown, format_breakdown, profile_steps, record_function
+from profiling import breakdown, format_breakdown, matmul_peak, matmul_rate, profile_steps, record_function, sync
 
 CONFIGS = ("full", "uniform", "crash", "crash-share")
 # SmolLM2-135M's architecture, for --random-init where the model files are absent (GPU machine).
@@ -111,33 +111,6 @@ def make_plans(model, args) -> tuple[dict, str]:
 # Measurements
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """Best FLOP/s of square matmuls of growing size in ``dtype`` (this machine's practical peak).
-
-    Sizes stop growing once one matmul takes longer than ``seconds`` (emulated bf16 is slow)."""
-    best = 0.0
-    for n in ((256, 512, 1024, 2048) if device.type == "cpu" else (2048, 4096, 8192)):
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        _sync(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        if time.perf_counter() - start > seconds:
-            break
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            torch.matmul(a, b)
-            reps += 1
-        _sync(device)
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PeakRSS:
     """Peak resident memory of this process above a baseline, sampled in a background thread."""
 
@@ -192,11 +165,11 @@ def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> di
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
     from crashlm.core.models import get_layers
+    from crashlm.core.scoring import batch_answer_loss
     from crashlm.emulators.emulator import build_emulator
     from crashlm.emulators.plans import LayerPlan
     from crashlm.emulators.strategies import get_strategy
     from crashlm.training.runtime import use_bf16
-    from crashlm.core.scoring import batch_answer_loss
 
     device = torch.device(args.device)
     bf16 = use_bf16(True, device)
@@ -212,7 +185,7 @@ def worker(args) -> dict:
     model.to(device).train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the training loop
     batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len, args.answer_len, device)
     losses = []
 
@@ -225,7 +198,7 @@ def worker(args) -> dict:
         with record_function("optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         losses.append(float(loss))
 
     times = []
@@ -240,7 +213,7 @@ def worker(args) -> dict:
     if args.profile:
         prof, profiled_seconds = profile_steps(train_step, args.steps)
         profiled = {"profile": breakdown(prof, profiled_seconds, args.steps, model.config.vocab_size),
-                    "profiled_step_seconds": profiled_seconds}
+                    "profiled_step_seconds": profiled_seconds, "matmul_flops": matmul_rate(prof)}
     flops = step_flops(model, {id(p) for p in params}, args.batch_size, args.seq_len, args.answer_len)
     return {
         "config": args.worker,
@@ -352,6 +325,8 @@ def main(argv=None) -> None:
     if args.profile:
         for name, row in rows.items():
             print(format_breakdown(f"{name} (profiled)", row["profile"]))
+            print(f"  matmuls themselves: {row['matmul_flops'] / 1e9:.1f} GFLOP/s, {100 * row['matmul_flops'] / peak:.0f} % "
+                  f"of the peak")
     summary = {
         "benchmark": "bench_train", "model": args.model, "random_init": args.random_init, "device": str(device),
         "machine": machine(device), "quick": args.quick, "batch_size": args.batch_size, "seq_len": args.seq_len,

@@ -66,6 +66,21 @@ def test_scores_equal_direct_scoring_on_every_architecture(arch):
     ]
 
 
+def test_counts_say_what_was_computed():
+    model, tok = tiny_model("llama")
+    lm = CrashlmLM(model, tok, batch_size=4, dtype=torch.float32, progress=False)
+    encoded = [lm.encode(c, x) for c, x in REQUESTS]
+    answers = sum(len(x) for _, x in encoded)
+    unpacked = sum(len(c) + len(x) - 1 for c, x in encoded)
+    lm.score(encoded, pack=False, progress=False)
+    assert lm.counts["unembedded"] == answers and lm.counts["tokens"] == unpacked
+    assert lm.counts["positions"] >= lm.counts["tokens"]
+    lm.score(encoded, pack=True, progress=False)  # each shared context once
+    contexts = {tuple(c): len(c) for c, _ in encoded}
+    assert lm.counts["tokens"] == sum(contexts.values()) + sum(len(x) - 1 for _, x in encoded)
+    assert lm.counts["unembedded"] == answers
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
 def test_packing_with_a_sliding_window_longer_than_the_requests(arch):
     model, tok = tiny_model(arch, sliding_window=64)

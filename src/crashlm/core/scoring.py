@@ -156,11 +156,6 @@ def collate(pairs: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor
             "targets": labels[:, 1:]}
 
 
-def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of a batch (logits and targets aligned)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 @contextlib.contextmanager
 def unembed_only(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
     """Feed the unembedding only the hidden states at (rows, positions), as one [1, N, d] batch.

@@ -25,7 +25,7 @@ from torch import nn
 from crashlm.core.calibration import calibration_texts
 from crashlm.core.errors import UsageError
 from crashlm.core.models import capture_layer_io, fingerprint
-from crashlm.core.scoring import IGNORE_INDEX, answer_loss, next_token_targets, text_batches
+from crashlm.core.scoring import IGNORE_INDEX, batch_answer_loss, next_token_targets, text_batches
 from crashlm.core.settings import Settings, setting
 from crashlm.emulators.bundle import save_bundle
 from crashlm.emulators.emulator import Emulator
@@ -136,9 +136,10 @@ def _distill_losses(teacher: nn.Module, student: nn.Module, positions: tuple[int
         with torch.no_grad(), capture_layer_io(teacher) as states:
             teacher(input_ids=input_ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
         target = states[layer]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "targets": next_token_targets(input_ids, mask)}
         with capture_layer_io(student) as states:
-            logits = (student if forward is None else forward)(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    return answer_loss(logits, next_token_targets(input_ids, mask)), kd_loss(target, states[position], mask)
+            lm = batch_answer_loss(student if forward is None else forward, batch)
+    return lm, kd_loss(target, states[position], mask)
 
 
 @torch.no_grad()
@@ -164,13 +165,12 @@ def lm_loss(model: nn.Module, tokenizer, texts: Sequence[str], config: DistillCo
     total, count = 0.0, 0
     for batch in text_batches(tokenizer, texts, config.batch_size, config.max_length):
         batch = {k: v.to(device) for k, v in batch.items()}
-        targets = next_token_targets(batch["input_ids"], batch["attention_mask"])
-        tokens = int((targets != IGNORE_INDEX).sum())
+        batch["targets"] = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        tokens = int((batch["targets"] != IGNORE_INDEX).sum())
         if not tokens:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**batch, use_cache=False).logits
-        total += float(answer_loss(logits, targets)) * tokens
+            total += float(batch_answer_loss(model, batch)) * tokens
         count += tokens
     if not count:
         raise UsageError("the validation texts hold no token to predict")

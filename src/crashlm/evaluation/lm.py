@@ -136,6 +136,9 @@ class CrashlmLM(LM):
         self.pack = pack
         self.packed: bool | None = None  # whether the last loglikelihood call packed contexts
         self.truncated = 0  # requests of the last scoring call that lost tokens to max_length
+        # What the last scoring call computed: real input tokens, input positions with padding,
+        # positions unembedded (benchmarks derive FLOPs from these).
+        self.counts = {"tokens": 0, "positions": 0, "unembedded": 0}
         self.progress = progress
         self._device = next(model.parameters()).device
         self.max_length = max_length or model_max_length(model.config, tokenizer)
@@ -169,6 +172,7 @@ class CrashlmLM(LM):
         truncated = [truncate_request(list(c), list(x), self.max_length) for c, x in encoded]
         self.truncated = sum(len(t[0]) + len(t[1]) < len(c) + len(x) for t, (c, x) in zip(truncated, encoded))
         encoded = truncated
+        self.counts = dict.fromkeys(self.counts, 0)
         if any(not c or not x for c, x in encoded):
             raise RunFailure("every request needs a non-empty context and continuation")
         pack = self.can_pack(encoded) if pack is None else pack
@@ -242,6 +246,9 @@ class CrashlmLM(LM):
             inputs["position_ids"] = positions.to(self._device)
         else:
             inputs["attention_mask"] = (segments >= 0).long().to(self._device)
+        self.counts["tokens"] += int((segments >= 0).sum())
+        self.counts["positions"] += segments.numel()
+        self.counts["unembedded"] += len(targets)
         rows_t = torch.tensor(where_row, device=self._device)
         pos_t = torch.tensor(where_pos, device=self._device)
         with unembed_only(self.model, rows_t, pos_t):
