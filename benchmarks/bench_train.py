@@ -14,19 +14,20 @@ Achieved FLOP/s uses the standard estimate, 2 FLOPs per parameter and token for 
 forward pass, the activation gradients and the weight gradients, generalised to frozen layers:
 
     FLOPs/step = 2 * B*T * (N_forward + N_activation_grad + N_weight_grad)
-               + 2 * B*A' * V*d * (2 + [unembedding trains])
+               + 2 * B*A * V*d * (2 + [unembedding trains])
 
 N_forward: the decoder parameters of every position (a shared layer counts at each position);
 N_activation_grad: those of the positions above the lowest trainable one (gradients must flow
 through them); N_weight_grad: the trainable decoder parameters, per position. The unembedding
-(V*d) runs only on the A' = A + 1 positions from the first answer prediction on (the loop asks
-the model for those logits only). Attention-score FLOPs and norms are left out (a few percent
+(V*d) runs only on the A positions of each row that predict an answer token
+(:func:`crashlm.core.scoring.unembed_only`). Attention-score FLOPs and norms are left out (a few percent
 at these lengths). Utilisation = achieved FLOP/s over this machine's matmul peak in the compute
 precision, measured here with square matmuls; the bf16 peak and the utilisation against it are
 reported as well (on CPUs without native bf16 the bf16 peak is far below the fp32 one).
 
     .venv/bin/python benchmarks/bench_train.py --quick       # < 1 min on 2 cores
     .venv/bin/python benchmarks/bench_train.py               # the recorded run
+    .venv/bin/python benchmarks/bench_train.py --profile     # also where each step's time goes
     python benchmarks/bench_train.py --random-init --device cuda   # GPU machine without model files
 
 The last printed line is one JSON object.
