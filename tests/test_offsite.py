@@ -81,6 +81,10 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     assert table["full_ft_lr"]["piqa"] == choice and (run_dir / "piqa/training_curves.png").is_file()
     # Every bundle records its fidelity to the full model, and the table collects it.
     assert set(table["fidelity"]) == {"uniform", "crash", "crash-share"} and table["fidelity"]["crash"]["piqa"]["kl"] >= 0
+    # Measured once per distinct emulator (crash and crash-share share a plan, not a sharing mode).
+    assert len(list((run_dir / "fidelity").glob("*.json"))) == 3
+    bundle = json.loads((run_dir / "piqa/uniform/emulator/crashlm.json").read_text())
+    assert bundle["fidelity"] == table["fidelity"]["uniform"]["piqa"]
 
 
 @pytest.mark.integration

@@ -18,6 +18,7 @@ Layout of ``RUN_DIR``::
     <task>/similarity/                 layer similarity of the task's training inputs (CRaSh)
     plans/<rule>.json                  plans that read no task data, made once for every task
     <task>/<strategy>/plan.json        layer plan, clusters.png beside it
+    fidelity/<key>.json                each distinct emulator's fidelity, copied into its bundles
     <task>/<strategy>/emulator/        emulator bundle; emu_zs.json beside it
     <task>/<strategy>/seed<s>/adapter/ trained adapter; emu_ft.json, plugin.json beside it
     <task>/<strategy>-kd/              the same on the distilled emulator (its bundle a copy)
@@ -60,6 +61,7 @@ from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
 from crashlm.experiments.offsite_config import (
     DISTILLED_DIR,
+    FIDELITY_DIR,
     KD_SUFFIX,
     LR_CHOICE,
     PLANS_DIR,
@@ -233,9 +235,13 @@ class Pipeline:
     def _build(self, task: str, strategy: str, bundle: Path) -> None:
         model, tokenizer = load_model(self.config.model)
         spec = get_strategy(strategy).spec(self.plan(task, strategy, model, tokenizer))
-        # Before building, which consumes the model: an untrained emulator is its slots' layers of the full model.
-        fidelity = spec_fidelity(model, tokenizer, {strategy: spec}, bf16=self.config.train.bf16)[strategy]
-        save_bundle(build_emulator(model, tokenizer, spec), bundle, extra={"fidelity": fidelity.to_dict()})
+        # Measured before building, which consumes the model (an untrained emulator is its slots'
+        # layers of the full model), and once per distinct emulator: a plan that reads no task
+        # data gives every task the same one.
+        record = self.run_dir / FIDELITY_DIR / f"{emulator_key(spec)}.json"
+        self._step(record, f"{task}: {strategy} emulator fidelity (once per distinct emulator)", lambda: write_json(
+            record, spec_fidelity(model, tokenizer, {strategy: spec}, bf16=self.config.train.bf16)[strategy].to_dict()))
+        save_bundle(build_emulator(model, tokenizer, spec), bundle, extra={"fidelity": read_json(record)})
 
     def distilled(self, task: str, strategy: str) -> Path:
         """The distilled bundle of the strategy's emulator for ``task``: made once per distinct emulator."""

@@ -27,7 +27,7 @@ from crashlm.training.config import TrainConfig
 
 # A "+ KD" run is "<strategy>-kd"; the distilled uniform emulator keeps the paper's label.
 KD_SUFFIX, KD_PAPER_LABELS = "-kd", {"uniform-kd": "OFT + KD"}
-DISTILLED_DIR, LR_CHOICE, PLANS_DIR = "distilled", "lr.json", "plans"
+DISTILLED_DIR, FIDELITY_DIR, LR_CHOICE, PLANS_DIR = "distilled", "fidelity", "lr.json", "plans"
 
 
 def _offsite_training() -> TrainConfig:
