@@ -30,6 +30,20 @@ def test_fidelity_table_of_the_real_model(tmp_path, capsys):
     assert "| Greedy (SLEB) + sharing | 28 |" in (out / "fidelity.md").read_text()
 
 
+@pytest.mark.integration
+def test_fidelity_of_gemma3(tmp_path, capsys):
+    """The 262k-word unembedding and its logit soft-capping, on a slice of the held-out text."""
+    out = tmp_path / "fidelity"
+    code, _, stderr = run_cli(["fidelity", "--model", "gemma3-270m", "--strategies", "uniform", "--ks", "16",
+                               "--texts", "2", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    table = json.loads((out / "fidelity.json").read_text())
+    (row,) = table["rows"]
+    assert table["num_layers"] == 18 and len(row["kept"]) == 16 and row["fidelity"]["texts"] == 2
+    assert row["fidelity"]["kl"] > 0 and 0 <= row["fidelity"]["top1"] <= 1
+    assert table["full_loss"] > 0 and row["fidelity"]["loss"] > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--strategies", "uniform,nothing"], "unknown emulator strategy 'nothing'"),
     (["--ks", "99"], "out of range"),

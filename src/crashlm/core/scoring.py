@@ -215,7 +215,7 @@ def _pair_logprobs(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits, targets, rows = target_logits(model, batch)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-        sums = logp.new_zeros(len(chunk)).index_add_(0, rows, logp)
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, rows, logp.double())
         yield chunk, sums, (batch["targets"] != IGNORE_INDEX).sum(-1)
 
 
