@@ -102,10 +102,11 @@ def main() -> None:
     unembedding = model.get_output_embeddings().weight.numel()
     print(f"matmul peak in {str(ours.dtype)[6:]}: {peak / 1e9:.1f} GFLOP/s")
 
-    per_task = {}
+    per_task, everything = {}, []
     totals = {"requests": 0, "hflm_wall": 0.0, "crashlm_wall": 0.0, "hflm_cpu": 0.0, "crashlm_cpu": 0.0}
     for task in args.tasks.split(","):
         instances, examples = _requests(task, limit, args.split)
+        everything += instances
         wall = {"hflm": float("inf"), "crashlm": float("inf")}
         cpu = dict(wall)
         values = {}
@@ -149,11 +150,11 @@ def main() -> None:
               + (f"; crashlm without BOS {row['crashlm_without_bos_acc']:.3f}" if args.without_bos else ""))
 
     if args.profile:
-        everything = [inst for task in args.tasks.split(",") for inst in _requests(task, limit, args.split)[0]]
         prof, seconds = profile_steps(lambda: ours.loglikelihood(everything, disable_tqdm=True), 1)
         print(format_breakdown(f"crashlm scoring all {len(everything)} requests (profiled)",
                                breakdown(prof, seconds, 1, model.config.vocab_size)))
-        print(f"  matmuls themselves: {matmul_rate(prof) / 1e9:.1f} GFLOP/s, {100 * matmul_rate(prof) / peak:.0f} % of the peak")
+        rate = matmul_rate(prof)
+        print(f"  matmuls themselves: {rate / 1e9:.1f} GFLOP/s, {100 * rate / peak:.0f} % of the peak")
 
     summary = {
         "bench": "eval",
