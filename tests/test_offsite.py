@@ -251,3 +251,40 @@ def test_distill_adds_a_kd_row_per_strategy_and_distils_each_emulator_once(tmp_p
     # One distillation per distinct emulator: uniform once, crash once per distinct task plan.
     crash = {offsite.emulator_key(read_manifest(run_dir / t / "crash-kd/emulator").spec) for t in ("piqa", "arc_easy")}
     assert sorted(path.name for path in (run_dir / "distilled").iterdir()) == sorted({keys["piqa"], *crash})
+
+
+@pytest.mark.integration
+def test_k_auto_plans_each_strategy_on_calibration_loss(tmp_path, tiny_llama_dir, capsys):
+    """``--k auto`` reaches the plans: each one is the strategy's own plan_for(..., "auto"), recorded in the table."""
+    config = OffsiteConfig(model=str(tiny_llama_dir), tasks=["piqa"], strategies=["uniform", "drop-last"], k="auto",
+                           max_loss_increase=0.5, trainable=1, calibration_samples=4)
+    config.validate()
+    pipeline = Pipeline(config, tmp_path / "run", Console(file=io.StringIO()))
+    model, tokenizer = offsite.load_model(str(tiny_llama_dir))
+    for strategy in config.strategies:
+        plan = pipeline.plan("piqa", strategy, model, tokenizer)
+        expected = offsite.plan_for(model, strategy, k="auto", trainable=1, max_loss_increase=0.5,
+                                    scores=pipeline._removal_scores(model, tokenizer), tokenizer=tokenizer)
+        assert plan.k == expected.k and plan.kept == expected.kept
+        assert plan.scores["k"]["rule"] == "auto" and plan.scores["k"]["max_loss_increase"] == 0.5
+    table = build_table(tmp_path / "run", config)
+    assert table["kept_layers"] == {s: {"piqa": pipeline.plan("piqa", s).k} for s in config.strategies}
+    assert f"Kept layers K: uniform {table['kept_layers']['uniform']['piqa']}" in table_markdown(table)
+
+    with pytest.raises(UsageError, match="positive integer or 'auto', got 'half'"):
+        replace(config, k="half").validate()
+    code, _, err = run_cli(["offsite", "--model", str(tiny_llama_dir), "--k", "half", "--out", str(tmp_path / "x")],
+                           capsys)
+    assert code == 2 and "'auto', got 'half'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_made_before_a_setting_existed_continues_with_its_default(tmp_path, tiny_llama_dir):
+    config = OffsiteConfig(model=str(tiny_llama_dir), tasks=["piqa"], strategies=[], full_ft=True)
+    run_dir = tmp_path / "run"
+    old = config.to_dict()
+    del old["max_loss_increase"]
+    write_json(run_dir / "config.json", old)
+    offsite._check_run_dir(run_dir, config)  # accepted: the run had the default
+    write_json(run_dir / "config.json", old)
+    with pytest.raises(UsageError, match="max_loss_increase"):
+        offsite._check_run_dir(run_dir, replace(config, max_loss_increase=0.5))

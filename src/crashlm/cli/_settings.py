@@ -41,6 +41,11 @@ def _split(value: str | None, name: str, item: Callable[[str], Any]) -> list:
         raise UsageError(f"{_flag(name)} must be comma-separated {kind}, got {value!r}") from exc
 
 
+def _int_or_word(value: str | None) -> int | str | None:
+    """``"15"`` -> 15; any other word stays a word, for the settings' own check to judge."""
+    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else value
+
+
 def _option(field: dataclasses.Field, hint: Any, path: tuple[str, ...], default: Any) -> _Option:
     name, help_text = field.name, field.metadata.get("help", "")
     args = typing.get_args(hint)
@@ -53,6 +58,10 @@ def _option(field: dataclasses.Field, hint: Any, path: tuple[str, ...], default:
         return _Option(path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                                annotation=Optional[str]),
                        lambda value: None if value is None and optional else _split(value, name, item))
+    if set(args) - {type(None)} == {int, str}:  # a number or a named rule (``--k 15`` or ``--k auto``)
+        option = typer.Option(None if default is None else str(default), _flag(name), help=help_text)
+        return _Option(path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                               annotation=Optional[str]), _int_or_word)
     if base is bool:
         option = typer.Option(default, f"{_flag(name)}/--no-{name.replace('_', '-')}", help=help_text)
         return _Option(path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool),

@@ -60,6 +60,7 @@ from crashlm.emulators.strategies import (
 from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
 from crashlm.experiments.offsite_config import (
+    AUTO_K,
     DISTILLED_DIR,
     FIDELITY_DIR,
     KD_SUFFIX,
@@ -103,7 +104,9 @@ def _check_run_dir(run_dir: Path, config: OffsiteConfig) -> None:
     path = run_dir / "config.json"
     if path.exists():
         old, new = _fixed_settings(read_json(path, "run configuration")), _fixed_settings(config.to_dict())
-        changed = [name for name in new if old.get(name) != new[name]]
+        # A setting added after the run was made held its default value there.
+        defaults = _fixed_settings(OffsiteConfig().to_dict())
+        changed = [name for name in new if old.get(name, defaults.get(name)) != new[name]]
         if changed:
             raise UsageError(
                 f"{run_dir} holds a run with other settings ({', '.join(changed)}); choose another --out"
@@ -206,9 +209,9 @@ class Pipeline:
         full, tok = (model, tokenizer) if model is not None else load_model(c.model)
         entry = get_strategy(strategy)
         similarity = self.similarity(task, full, tok) if SIMILARITY in entry.needs else None
-        scores = self._removal_scores(full, tok) if CALIBRATION in entry.needs else None
+        scores = self._removal_scores(full, tok) if CALIBRATION in entry.needs or c.k == AUTO_K else None
         return plan_for(full, strategy, k=c.k, trainable=c.trainable, similarity=similarity, scores=scores, task=task,
-                        model_name=c.model, tokenizer=tok)
+                        max_loss_increase=c.max_loss_increase, model_name=c.model, tokenizer=tok)
 
     def plan(self, task: str, strategy: str, model: nn.Module | None = None, tokenizer=None) -> LayerPlan:
         """The strategy's plan for ``task`` (its figure first: the plan file is the step's checkpoint).

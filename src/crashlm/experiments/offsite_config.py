@@ -22,12 +22,18 @@ from crashlm.core.tasks import get_task
 from crashlm.emulators import plans
 from crashlm.emulators.distill import DistillConfig
 from crashlm.emulators.plans import EmulatorSpec
-from crashlm.emulators.strategies import DEFAULT_CALIBRATION_SAMPLES, STRATEGIES, get_strategy
+from crashlm.emulators.strategies import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    DEFAULT_MAX_LOSS_INCREASE,
+    STRATEGIES,
+    get_strategy,
+)
 from crashlm.training.config import TrainConfig
 
 # A "+ KD" run is "<strategy>-kd"; the distilled uniform emulator keeps the paper's label.
 KD_SUFFIX, KD_PAPER_LABELS = "-kd", {"uniform-kd": "OFT + KD"}
 DISTILLED_DIR, FIDELITY_DIR, LR_CHOICE, PLANS_DIR = "distilled", "fidelity", "lr.json", "plans"
+AUTO_K = "auto"  # --k auto: each strategy's K chosen on calibration loss
 
 
 def _offsite_training() -> TrainConfig:
@@ -65,7 +71,11 @@ class OffsiteConfig(Settings):
     distill: bool = setting(False, "Add a '+ KD' row per strategy: its emulator distilled on calibration text.")
     distill_strategies: list[str] | None = setting(
         None, "With --distill: the strategies that get a '+ KD' row (each one of --strategies). Default: all of them.")
-    k: int | None = setting(None, "Kept layers per emulator. Default: half the layers.")
+    k: int | str | None = setting(
+        None, "Kept layers per emulator: a number, or 'auto' (per strategy, the smallest K whose untrained emulator's "
+              "calibration loss is within --max-loss-increase of the full model's). Default: half the layers.")
+    max_loss_increase: float = setting(DEFAULT_MAX_LOSS_INCREASE,
+                                       "--k auto: allowed relative increase of the calibration loss.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
     similarity_samples: int = setting(128, "Training examples used for the CRaSh layer similarity.")
     calibration_samples: int = setting(DEFAULT_CALIBRATION_SAMPLES,
@@ -100,14 +110,21 @@ class OffsiteConfig(Settings):
         extra = sorted(set(self.distill_strategies or ()) - set(self.strategies))
         if extra:
             raise UsageError(f"distill_strategies must be among the strategies; {', '.join(extra)} is not")
-        self.check_positive("eval_limit", "k", optional=True)
+        self.check_positive("eval_limit", optional=True)
+        if isinstance(self.k, str):
+            if self.k != AUTO_K:
+                raise UsageError(f"--k must be a positive integer or '{AUTO_K}', got {self.k!r}")
+        else:
+            self.check_positive("k", optional=True)
+        self.check_number("max_loss_increase", open_low=True)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UsageError("seeds must be distinct and at least one")
         if self.tasks:
             self.training(self.tasks[0], self.seeds[0]).validate()
         depth = load_config(self.model).num_hidden_layers  # a missing or unsupported model fails here, fast
         if self.strategies:
-            plans.check_k(plans.default_k(depth) if self.k is None else self.k, depth, self.trainable)
+            k = self.trainable if self.k == AUTO_K else plans.default_k(depth) if self.k is None else self.k
+            plans.check_k(k, depth, self.trainable)
 
     def training(self, task: str, seed: int) -> TrainConfig:
         """The training settings of one (task, seed) run."""

@@ -8,8 +8,16 @@ from typing import Callable
 
 from crashlm.core.io import atomic_path, read_json, write_json
 from crashlm.emulators.bundle import MANIFEST, read_records
+from crashlm.emulators.plans import LayerPlan
 from crashlm.emulators.plugin import ADAPTER_META
-from crashlm.experiments.offsite_config import KD_SUFFIX, LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
+from crashlm.experiments.offsite_config import (
+    KD_SUFFIX,
+    LR_CHOICE,
+    OffsiteConfig,
+    base_strategy,
+    full_ft_dir,
+    run_label,
+)
 from crashlm.outputs.plotting import plot_fidelity_gain, plot_offsite_table, plot_training_curves
 from crashlm.outputs.report import CURVES_FIGURE, FIDELITY_FIGURE
 from crashlm.outputs.tables import gain_recovered, table_markdown, table_row
@@ -59,7 +67,11 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     distilled = {run: {task: {key: record[key] for key in ("chosen_step", "before", "after")}
                        for task, record in by_task.items()}
                  for run, by_task in _bundle_records(run_dir, config, "distillation").items()}
+    kept = {run: {task: LayerPlan.load(path).k for task in tasks
+                  if (path := run_dir / task / base_strategy(run) / "plan.json").exists()}
+            for run in config.strategies}
     return {"model": config.model, "tasks": tasks, "seeds": seeds, "metric": "acc", "rows": rows, "full_ft_lr": lrs,
+            "kept_layers": {run: by_task for run, by_task in kept.items() if by_task},
             "fidelity": _bundle_records(run_dir, config, "fidelity"), "distillation": distilled,
             "config": config.to_dict()}
 

@@ -95,6 +95,12 @@ def table_note(table: dict) -> str:
                 f"{c['lr']:g}: {c['best_val_loss']:.4f}" for c in choice["candidates"]) + ")"
             for task, choice in choices.items())
         note += f" Full FT learning rate chosen on the first seed's best validation loss: {tried}."
+    kept = table.get("kept_layers") or {}
+    if kept:
+        note += " Kept layers K: " + "; ".join(
+            f"{run} {next(iter(ks.values()))}" if len(set(ks.values())) == 1
+            else f"{run} " + ", ".join(f"{task} {k}" for task, k in ks.items())
+            for run, ks in kept.items()) + "."
     return note
 
 
