@@ -28,7 +28,18 @@ reported as well (on CPUs without native bf16 the bf16 peak is far below the fp3
     .venv/bin/python benchmarks/bench_train.py --quick       # < 1 min on 2 cores
     .venv/bin/python benchmarks/bench_train.py               # the recorded run
     .venv/bin/python benchmarks/bench_train.py --profile     # also where each step's time goes
+    .venv/bin/python benchmarks/bench_train.py --configs uniform --compile --vary-length --steps 4
+                                                # torch.compile: every step's time, compiles included
+    .venv/bin/python benchmarks/bench_train.py --frozen-bf16 # frozen Linear weights stored in bf16
     python benchmarks/bench_train.py --random-init --device cuda   # GPU machine without model files
+
+``--vary-length`` gives each step a different length (``--seq-len`` minus 8 per step, cycling
+over four lengths), as length-grouped batches of real data do; with ``--compile`` (the model's
+forward under ``torch.compile(dynamic=True)``) every step's time is reported, so the compile
+time and what a new length costs are visible next to the steady step. ``--frozen-bf16`` stores
+the frozen ``Linear`` weights (not the embedding, which a tied unembedding shares, nor the norms)
+in bf16 once, instead of autocast casting them at every forward; it only applies where training
+computes in bf16, and gives the same products (autocast rounds them the same way).
 
 The last printed line is one JSON object.
 """
@@ -163,6 +174,25 @@ def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> di
             "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
+def store_frozen_bf16(model: torch.nn.Module) -> int:
+    """Cast the frozen Linear weights that are not the (maybe tied) embedding to bf16; returns how many."""
+    embedding = model.get_input_embeddings().weight
+    cast = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.to(torch.bfloat16)
+            cast += 1
+    return cast
+
+
+def step_lengths(args) -> list[int]:
+    """The sequence length of each warm-up and timed step."""
+    steps = args.warmup + args.steps
+    if not args.vary_length:
+        return [args.seq_len] * steps
+    return [max(args.answer_len + 1, args.seq_len - 8 * (step % 4)) for step in range(steps)]
+
+
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
     from crashlm.core.models import get_layers
@@ -184,15 +214,19 @@ def worker(args) -> dict:
         emulator = build_emulator(model, None, get_strategy(args.worker).spec(plan))
         params = emulator.trainable_parameters()
     model.to(device).train()
+    frozen_bf16 = store_frozen_bf16(model) if args.frozen_bf16 and bf16 else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the training loop
-    batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len, args.answer_len, device)
+    lengths = step_lengths(args)
+    batches = {n: synthetic_batch(model.config.vocab_size, args.batch_size, n, args.answer_len, device)
+               for n in sorted(set(lengths))}
+    forward = torch.compile(model, dynamic=True) if args.compile else model
     losses = []
 
-    def train_step() -> None:
+    def train_step(length: int = args.seq_len) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = batch_answer_loss(model, batch)
+            loss = batch_answer_loss(forward, batches[length])
         loss.backward()
         with record_function("clip"):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,27 +236,33 @@ def worker(args) -> dict:
         sync(device)
         losses.append(float(loss))
 
-    times = []
-    for step in range(args.warmup + args.steps):
+    every_step = []
+    for length in lengths:
         start = time.perf_counter()
-        train_step()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+        train_step(length)
+        every_step.append(time.perf_counter() - start)
+    times = every_step[args.warmup:]
     memory = rss.stop() if rss else torch.cuda.max_memory_allocated(device)
     seconds = sum(times) / len(times)
+    tokens = args.batch_size * sum(lengths[args.warmup:])
     profiled = {}
     if args.profile:
         prof, profiled_seconds = profile_steps(train_step, args.steps)
         profiled = {"profile": breakdown(prof, profiled_seconds, args.steps, model.config.vocab_size),
                     "profiled_step_seconds": profiled_seconds, "matmul_flops": matmul_rate(prof)}
-    flops = step_flops(model, {id(p) for p in params}, args.batch_size, args.seq_len, args.answer_len)
+    mean_length = (tokens / args.batch_size) / len(times)
+    flops = step_flops(model, {id(p) for p in params}, args.batch_size, mean_length, args.answer_len)
     return {
         "config": args.worker,
         "positions": len(get_layers(model)),
         "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
         "trainable_parameters": sum(p.numel() for p in params),
         "step_seconds": seconds,
-        "tokens_per_second": args.batch_size * args.seq_len / seconds,
+        "every_step_seconds": every_step,
+        "step_lengths": lengths,
+        "compiled": args.compile,
+        "frozen_linear_in_bf16": frozen_bf16,
+        "tokens_per_second": tokens / sum(times),
         "peak_memory_bytes": int(memory),
         "flops_per_step": flops,
         "achieved_flops": flops / seconds,
@@ -252,6 +292,14 @@ def parse_args(argv=None):
     parser.add_argument("--similarity-samples", type=int, help="examples for the crash plan's CKA (default 64; quick 16)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the timed steps and print where each configuration's step time goes")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated configurations to run, 'full' first if any (default {','.join(CONFIGS)})")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the forward under torch.compile(dynamic=True); reports every step's time")
+    parser.add_argument("--vary-length", action="store_true",
+                        help="a different sequence length per step (seq-len minus 0, 8, 16, 24), as real batches")
+    parser.add_argument("--frozen-bf16", action="store_true",
+                        help="store frozen Linear weights in bf16 (only where training computes in bf16)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -259,6 +307,12 @@ def parse_args(argv=None):
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown or not args.configs:
+        parser.error(f"--configs: choose among {', '.join(CONFIGS)}, got {', '.join(unknown) or 'none'}")
+    if args.vary_length and args.seq_len - 24 <= args.answer_len:
+        parser.error("--vary-length needs --seq-len at least --answer-len + 25")
     return args
 
 
@@ -267,7 +321,8 @@ def forwarded(args) -> list[str]:
                "--seq-len", str(args.seq_len), "--answer-len", str(args.answer_len), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]
     options += ["--threads", str(args.threads)] if args.threads else []
-    options += ["--profile"] if args.profile else []
+    options += [flag for flag, on in (("--profile", args.profile), ("--compile", args.compile),
+                                      ("--vary-length", args.vary_length), ("--frozen-bf16", args.frozen_bf16)) if on]
     return options + (["--random-init"] if args.random_init else [])
 
 
@@ -298,18 +353,19 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plan_file = Path(tmp) / "plans.json"
         plan_file.write_text(json.dumps(plans))
-        for config in CONFIGS:
+        for config in args.configs:
             cmd = [sys.executable, __file__, "--worker", config, "--plans", str(plan_file), *forwarded(args)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f"worker {config} failed:\n{result.stderr[-3000:]}")
             rows[config] = json.loads(result.stdout.strip().splitlines()[-1])
-    full = rows["full"]
+    full = rows.get("full")
     for row in rows.values():
         row["utilisation"] = row["achieved_flops"] / peak
         row["utilisation_vs_bf16_peak"] = row["achieved_flops"] / peaks["bf16"]
-        row["speedup_vs_full"] = row["tokens_per_second"] / full["tokens_per_second"]
-        row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
+        if full:
+            row["speedup_vs_full"] = row["tokens_per_second"] / full["tokens_per_second"]
+            row["memory_vs_full"] = row["peak_memory_bytes"] / full["peak_memory_bytes"]
 
     print(f"{args.model}{' (random init)' if args.random_init else ''} on {machine(device)}; "
           f"batch {args.batch_size} x {args.seq_len} tokens ({args.answer_len} answer), {args.steps} timed steps")
@@ -321,8 +377,17 @@ def main(argv=None) -> None:
           f"{'x full':>8}{'GFLOP/s':>9}{'util':>7}")
     for name, row in rows.items():
         print(f"{name:<12}{row['positions']:>10}{row['trainable_parameters']:>12,}{row['tokens_per_second']:>10.0f}"
-              f"{row['speedup_vs_full']:>8.2f}{row['peak_memory_bytes'] / 2**20:>10.0f}{row['memory_vs_full']:>8.2f}"
+              f"{row.get('speedup_vs_full', float('nan')):>8.2f}{row['peak_memory_bytes'] / 2**20:>10.0f}"
+              f"{row.get('memory_vs_full', float('nan')):>8.2f}"
               f"{row['achieved_flops'] / 1e9:>9.1f}{100 * row['utilisation']:>6.1f}%")
+    if args.compile or args.vary_length:
+        for name, row in rows.items():
+            steps = ", ".join(f"{t:.2f} s ({n})" for t, n in zip(row["every_step_seconds"], row["step_lengths"]))
+            print(f"{name}: every step, warm-up first (length): {steps}")
+    if args.frozen_bf16:
+        print("frozen Linear weights stored in bf16: " + ", ".join(
+            f"{name} {row['frozen_linear_in_bf16']}" for name, row in rows.items())
+              + ("" if bf16 else " (none: training computes in fp32 here)"))
     if args.profile:
         for name, row in rows.items():
             print(format_breakdown(f"{name} (profiled)", row["profile"]))
@@ -332,6 +397,7 @@ def main(argv=None) -> None:
         "benchmark": "bench_train", "model": args.model, "random_init": args.random_init, "device": str(device),
         "machine": machine(device), "quick": args.quick, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "answer_len": args.answer_len, "steps": args.steps, "compute_dtype": "bf16" if bf16 else "fp32",
+        "compile": args.compile, "vary_length": args.vary_length, "frozen_bf16": args.frozen_bf16,
         "bf16_matmul_peak_flops": peaks["bf16"], "fp32_matmul_peak_flops": peaks["fp32"], "plan_source": plan_source,
         "kept_layers": {name: plans[name]["kept"] for name in ("uniform", "crash")},
         "trainable_layers": {name: plans[name]["trainable"] for name in ("uniform", "crash")},
