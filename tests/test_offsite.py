@@ -83,6 +83,8 @@ def test_offsite_writes_the_table_report_and_every_step(run, capsys):
     assert set(table["fidelity"]) == {"uniform", "crash", "crash-share"} and table["fidelity"]["crash"]["piqa"]["kl"] >= 0
     # Measured once per distinct emulator (crash and crash-share share a plan, not a sharing mode).
     assert len(list((run_dir / "fidelity").glob("*.json"))) == 3
+    # ... all three in one pass of the full model over the held-out text.
+    assert stdout.count("run  piqa: fidelity of every emulator") == 1
     bundle = json.loads((run_dir / "piqa/uniform/emulator/crashlm.json").read_text())
     assert bundle["fidelity"] == table["fidelity"]["uniform"]["piqa"]
 

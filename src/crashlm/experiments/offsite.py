@@ -49,7 +49,7 @@ from crashlm.emulators.distill import calibration_inputs, distill_emulator
 from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.fidelity import spec_fidelity
 from crashlm.emulators.finetune import train_adapter
-from crashlm.emulators.plans import LayerPlan
+from crashlm.emulators.plans import EmulatorSpec, LayerPlan
 from crashlm.emulators.strategies import (
     CALIBRATION,
     SIMILARITY,
@@ -241,10 +241,26 @@ class Pipeline:
         # Measured before building, which consumes the model (an untrained emulator is its slots'
         # layers of the full model), and once per distinct emulator: a plan that reads no task
         # data gives every task the same one.
-        record = self.run_dir / FIDELITY_DIR / f"{emulator_key(spec)}.json"
-        self._step(record, f"{task}: {strategy} emulator fidelity (once per distinct emulator)", lambda: write_json(
-            record, spec_fidelity(model, tokenizer, {strategy: spec}, bf16=self.config.train.bf16)[strategy].to_dict()))
+        record = self._fidelity_record(spec)
+        self._step(record, f"{task}: fidelity of every emulator of the task not yet measured (one full-model pass)",
+                   lambda: self._measure_fidelity(task, model, tokenizer))
         save_bundle(build_emulator(model, tokenizer, spec), bundle, extra={"fidelity": read_json(record)})
+
+    def _fidelity_record(self, spec: EmulatorSpec) -> Path:
+        return self.run_dir / FIDELITY_DIR / f"{emulator_key(spec)}.json"
+
+    def _measure_fidelity(self, task: str, model: nn.Module, tokenizer) -> None:
+        """Fidelity of each of the task's emulators that has no record yet, in one call: the full
+        model's states and logits on the held-out text are computed once for all of them."""
+        missing = {}
+        for strategy in self.config.strategies:
+            spec = get_strategy(strategy).spec(self.plan(task, strategy, model, tokenizer))
+            missing.setdefault(self._fidelity_record(spec), spec)
+        missing = {record: spec for record, spec in missing.items() if not record.exists()}
+        measured = spec_fidelity(model, tokenizer, {str(record): spec for record, spec in missing.items()},
+                                 bf16=self.config.train.bf16)
+        for record in missing:
+            write_json(record, measured[str(record)].to_dict())
 
     def distilled(self, task: str, strategy: str) -> Path:
         """The distilled bundle of the strategy's emulator for ``task``: made once per distinct emulator."""
