@@ -164,7 +164,7 @@ def test_copies_are_frozen_clones_and_training_an_adapter_leaves_them_alone():
 def test_plan_for_checks_k_before_anything_and_stamps_the_model():
     model, _ = full_model("llama")
     with pytest.raises(UsageError, match="out of range"):
-        plan_for(model, "crash", k=L, trainable=TRAINABLE)  # no similarity needed to fail
+        plan_for(model, "crash", k=L + 1, trainable=TRAINABLE)  # no similarity needed to fail
     with pytest.raises(UsageError, match="unknown emulator strategy"):
         plan_for(model, "random")
     plan = plan_for(model, "uniform", k=K, trainable=TRAINABLE, model_name="tiny")

@@ -311,7 +311,6 @@ BAD_PLANS = {
     "overlapping clusters": ({"strategy": "crash", "kept": [1, 3, 5], "trainable": [1, 5],
                               "clusters": [[0, 1, 2], [2, 3, 4], [5]]}, "contiguous, non-overlapping"),
     "trainable not kept": ({"kept": [0, 2, 5], "trainable": [0, 4]}, "are not all kept"),
-    "keeps every layer": ({"kept": [0, 1, 2, 3, 4, 5], "trainable": [0, 5]}, "must drop at least one"),
     "missing keys": ({"kept": None}, "missing keys kept"),
     "newer version": ({"version": 99}, "newer than this crashlm"),
     "not JSON": (None, "is not valid JSON"),
@@ -335,8 +334,7 @@ def test_invalid_plan(name, assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["cluster", "emulator"])
 @pytest.mark.parametrize("k, trainable, message", [
-    ("6", "2", "K=6 is out of range for a 6-layer model"),  # K = L
-    ("9", "2", "K=9 is out of range"),  # K > L
+    ("7", "2", "K=7 is out of range for a 6-layer model"),  # K > L
     ("1", "2", "K=1 is out of range"),  # K below the trainable count
     ("4", "5", "K=4 is out of range"),
     ("0", "2", "--k must be a positive integer"),
@@ -587,7 +585,7 @@ def test_fetch_without_the_package_index_is_a_run_failure(tmp_path, capsys, monk
     (["--strategies", "uniform,random"], "unknown strategies random"),
     (["--seeds", "1,1"], "seeds must be distinct"),
     (["--seeds", "1,x"], "--seeds must be comma-separated integers"),
-    (["--k", "6", "--trainable", "2"], "K=6 is out of range for a 6-layer model"),
+    (["--k", "7", "--trainable", "2"], "K=7 is out of range for a 6-layer model"),
     (["--k", "2", "--trainable", "3"], "K=2 is out of range"),
     (["--trainable", "4"], "K=3 is out of range"),  # the default K (half the layers) is too small
     (["--eval-split", "dev"], "task piqa has no 'dev' split"),
@@ -632,8 +630,8 @@ def test_console_script_prints_one_line(tmp_path):
 
 def test_debug_keeps_the_traceback(assets, tmp_path, capsys):
     out = tmp_path / "out"
-    with pytest.raises(UsageError, match="K=6 is out of range"):
-        main(["--debug", "cluster", "--model", str(assets["model"]), "--strategy", "uniform", "--k", "6",
+    with pytest.raises(UsageError, match="K=7 is out of range"):
+        main(["--debug", "cluster", "--model", str(assets["model"]), "--strategy", "uniform", "--k", "7",
               "--out", str(out)])
     assert not out.exists()
 

@@ -113,7 +113,6 @@ def test_auto_k_finds_the_obvious_blocks():
         dict(kept=[0, 1, 1], trainable=[0]),  # duplicate
         dict(kept=[0, 2, 1], trainable=[0]),  # unordered
         dict(kept=[0, 1], trainable=[2]),  # trainable not kept
-        dict(kept=list(range(8)), trainable=[0]),  # drops nothing
         dict(kept=[0, 4], trainable=[0], clusters=[[0, 1, 2], [2, 3, 4, 5, 6, 7]]),  # overlapping
         dict(kept=[0, 4], trainable=[0], clusters=[[0, 1, 2], [4, 5, 6, 7]]),  # gap
     ],
@@ -125,7 +124,8 @@ def test_invalid_plans_are_refused(bad):
 
 def test_k_out_of_range():
     with pytest.raises(UsageError):
-        uniform_plan(12, 12)
+        uniform_plan(12, 13)
+    assert uniform_plan(12, 12).kept == list(range(12))  # K = L: the ceiling control, nothing removed
     with pytest.raises(UsageError):
         crash_plan([0.5] * 11, 3)  # fewer kept than trainable
 

@@ -172,6 +172,21 @@ def test_fidelity_of_the_full_model_against_itself_is_perfect():
     assert totals.result(len(CORPUS)).kl == 0.0 and totals.result(len(CORPUS)).top1 == 1.0
 
 
+def test_every_strategy_at_k_equal_to_depth_keeps_every_layer_and_the_full_models_fidelity():
+    # K = L is the ceiling control: the adapter trains on the full model itself.
+    model, tokenizer = tiny_model("llama", L)
+    scores = RemovalScores(LayerStack(model, tokenizer, CORPUS, bf16=False, progress=False), {"text": "corpus"})
+    adjacent = [0.9, 0.1, 0.8, 0.7, 0.2, 0.6, 0.5]
+    specs = {}
+    for name, strategy in STRATEGIES.items():
+        kept = plan_for(model, name, L, 2, adjacent, scores=scores)
+        assert kept.kept == list(range(L)), name
+        specs[name] = strategy.spec(kept)
+    for name, fidelity in spec_fidelity(model, tokenizer, specs, CORPUS, bf16=False, progress=False).items():
+        assert fidelity.kl == pytest.approx(0.0, abs=1e-6) and fidelity.top1 == 1.0, name
+        assert fidelity.loss == pytest.approx(fidelity.full_loss), name
+
+
 @pytest.mark.parametrize("arch", ("llama", "gpt2"))
 @pytest.mark.parametrize("strategy", ["greedy", "block-influence", "angular", "drop-last", "crash-loss-share"])
 def test_every_new_strategy_plans_builds_trains_a_step_and_plugs_in(arch, strategy, tmp_path):

@@ -38,10 +38,12 @@ def default_k(num_layers: int) -> int:
 
 
 def check_k(k: int, num_layers: int, trainable: int) -> None:
-    if not trainable <= k < num_layers:
+    """K = L is allowed: nothing is removed and the adapter trains on the full model itself, the
+    ceiling of what any emulator's adapter with those trainable layers can bring back."""
+    if not trainable <= k <= num_layers:
         raise UsageError(
             f"K={k} is out of range for a {num_layers}-layer model with {trainable} trainable layers "
-            f"(need {trainable} <= K < {num_layers})"
+            f"(need {trainable} <= K <= {num_layers})"
         )
 
 
@@ -191,8 +193,6 @@ class LayerPlan:
                 raise UsageError(f"plan: {name} must be in increasing order: {layers}")
         if not set(self.trainable) <= set(self.kept):
             raise UsageError(f"plan: trainable layers {self.trainable} are not all kept {self.kept}")
-        if len(self.kept) >= L:
-            raise UsageError(f"plan: keeps {len(self.kept)} of {L} layers; an emulator must drop at least one")
         if self.clusters is not None:
             flat = [x for c in self.clusters for x in c]
             if flat != list(range(L)):
