@@ -252,11 +252,9 @@ class Pipeline:
     def _measure_fidelity(self, task: str, model: nn.Module, tokenizer) -> None:
         """Fidelity of each of the task's emulators that has no record yet, in one call: the full
         model's states and logits on the held-out text are computed once for all of them."""
-        missing = {}
-        for strategy in self.config.strategies:
-            spec = get_strategy(strategy).spec(self.plan(task, strategy, model, tokenizer))
-            missing.setdefault(self._fidelity_record(spec), spec)
-        missing = {record: spec for record, spec in missing.items() if not record.exists()}
+        specs = [get_strategy(strategy).spec(self.plan(task, strategy, model, tokenizer))
+                 for strategy in self.config.strategies]
+        missing = {self._fidelity_record(spec): spec for spec in specs if not self._fidelity_record(spec).exists()}
         measured = spec_fidelity(model, tokenizer, {str(record): spec for record, spec in missing.items()},
                                  bf16=self.config.train.bf16)
         for record in missing:

@@ -73,7 +73,8 @@ class OffsiteConfig(Settings):
         None, "With --distill: the strategies that get a '+ KD' row (each one of --strategies). Default: all of them.")
     k: int | str | None = setting(
         None, "Kept layers per emulator: a number, or 'auto' (per strategy, the smallest K whose untrained emulator's "
-              "calibration loss is within --max-loss-increase of the full model's). Default: half the layers.")
+              "calibration loss is within --max-loss-increase of the full model's). Default: half the layers. The model's "
+              "depth removes nothing: the adapter trains on the full model, the ceiling of transfer.")
     max_loss_increase: float = setting(DEFAULT_MAX_LOSS_INCREASE,
                                        "--k auto: allowed relative increase of the calibration loss.")
     trainable: int = setting(plans.DEFAULT_TRAINABLE, "Trainable (adapter) layers.")
