@@ -30,16 +30,16 @@ reported as well (on CPUs without native bf16 the bf16 peak is far below the fp3
     .venv/bin/python benchmarks/bench_train.py --profile     # also where each step's time goes
     .venv/bin/python benchmarks/bench_train.py --configs uniform --compile --vary-length --steps 4
                                                 # torch.compile: every step's time, compiles included
-    .venv/bin/python benchmarks/bench_train.py --frozen-bf16 # frozen Linear weights stored in bf16
+    .venv/bin/python benchmarks/bench_train.py --no-frozen-bf16   # frozen weights re-cast by autocast
     python benchmarks/bench_train.py --random-init --device cuda   # GPU machine without model files
 
 ``--vary-length`` gives each step a different length (``--seq-len`` minus 8 per step, cycling
 over four lengths), as length-grouped batches of real data do; with ``--compile`` (the model's
 forward under ``torch.compile(dynamic=True)``) every step's time is reported, so the compile
-time and what a new length costs are visible next to the steady step. ``--frozen-bf16`` stores
-the frozen ``Linear`` weights (not the embedding, which a tied unembedding shares, nor the norms)
-in bf16 once, instead of autocast casting them at every forward; it only applies where training
-computes in bf16, and gives the same products (autocast rounds them the same way).
+time and what a new length costs are visible next to the steady step. Where training computes
+in bf16, the frozen parameters are held in bf16 for the run, as ``crashlm train`` does
+(:func:`crashlm.core.models.held_in_bf16`); ``--no-frozen-bf16`` keeps them fp32, so
+autocast re-casts them at every forward (crashlm before that change).
 
 The last printed line is one JSON object.
 """
@@ -47,6 +47,7 @@ The last printed line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -174,17 +175,6 @@ def synthetic_batch(vocab: int, batch: int, seq: int, answer: int, device) -> di
             "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
-def store_frozen_bf16(model: torch.nn.Module) -> int:
-    """Cast the frozen Linear weights that are not the (maybe tied) embedding to bf16; returns how many."""
-    embedding = model.get_input_embeddings().weight
-    cast = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
-            module.to(torch.bfloat16)
-            cast += 1
-    return cast
-
-
 def step_lengths(args) -> list[int]:
     """The sequence length of each warm-up and timed step."""
     steps = args.warmup + args.steps
@@ -195,7 +185,7 @@ def step_lengths(args) -> list[int]:
 
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
-    from crashlm.core.models import get_layers
+    from crashlm.core.models import get_layers, held_in_bf16
     from crashlm.core.scoring import batch_answer_loss
     from crashlm.emulators.emulator import build_emulator
     from crashlm.emulators.plans import LayerPlan
@@ -214,7 +204,8 @@ def worker(args) -> dict:
         emulator = build_emulator(model, None, get_strategy(args.worker).spec(plan))
         params = emulator.trainable_parameters()
     model.to(device).train()
-    frozen_bf16 = store_frozen_bf16(model) if args.frozen_bf16 and bf16 else 0
+    stack = contextlib.ExitStack()  # the worker process ends with the run: nothing to restore
+    frozen_bf16 = stack.enter_context(held_in_bf16(model, bf16 and not args.no_frozen_bf16))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the training loop
@@ -261,7 +252,7 @@ def worker(args) -> dict:
         "every_step_seconds": every_step,
         "step_lengths": lengths,
         "compiled": args.compile,
-        "frozen_linear_in_bf16": frozen_bf16,
+        "frozen_parameters_in_bf16": frozen_bf16,
         "tokens_per_second": tokens / sum(times),
         "peak_memory_bytes": int(memory),
         "flops_per_step": flops,
@@ -299,8 +290,8 @@ def parse_args(argv=None):
                         help="run the forward under torch.compile(dynamic=True); reports every step's time")
     parser.add_argument("--vary-length", action="store_true",
                         help="a different sequence length per step (seq-len minus 0, 8, 16, 24), as real batches")
-    parser.add_argument("--frozen-bf16", action="store_true",
-                        help="store frozen Linear weights in bf16 (only where training computes in bf16)")
+    parser.add_argument("--no-frozen-bf16", action="store_true",
+                        help="keep the frozen weights fp32 (by default they are held in bf16 where training computes in bf16)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,7 +314,7 @@ def forwarded(args) -> list[str]:
                "--warmup", str(args.warmup)]
     options += ["--threads", str(args.threads)] if args.threads else []
     options += [flag for flag, on in (("--profile", args.profile), ("--compile", args.compile),
-                                      ("--vary-length", args.vary_length), ("--frozen-bf16", args.frozen_bf16)) if on]
+                                      ("--vary-length", args.vary_length), ("--no-frozen-bf16", args.no_frozen_bf16)) if on]
     return options + (["--random-init"] if args.random_init else [])
 
 
@@ -385,10 +376,9 @@ def main(argv=None) -> None:
         for name, row in rows.items():
             steps = ", ".join(f"{t:.2f} s ({n})" for t, n in zip(row["every_step_seconds"], row["step_lengths"]))
             print(f"{name}: every step, warm-up first (length): {steps}")
-    if args.frozen_bf16:
-        print("frozen Linear weights stored in bf16: " + ", ".join(
-            f"{name} {row['frozen_linear_in_bf16']}" for name, row in rows.items())
-              + ("" if bf16 else " (none: training computes in fp32 here)"))
+    print("frozen parameters held in bf16: " + ", ".join(
+        f"{name} {row['frozen_parameters_in_bf16']}" for name, row in rows.items())
+          + ("" if bf16 else " (none: training computes in fp32 here)"))
     if args.profile:
         for name, row in rows.items():
             print(format_breakdown(f"{name} (profiled)", row["profile"]))
@@ -398,7 +388,7 @@ def main(argv=None) -> None:
         "benchmark": "bench_train", "model": args.model, "random_init": args.random_init, "device": str(device),
         "machine": machine(device), "quick": args.quick, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "answer_len": args.answer_len, "steps": args.steps, "compute_dtype": "bf16" if bf16 else "fp32",
-        "compile": args.compile, "vary_length": args.vary_length, "frozen_bf16": args.frozen_bf16,
+        "compile": args.compile, "vary_length": args.vary_length, "frozen_bf16": bf16 and not args.no_frozen_bf16,
         "bf16_matmul_peak_flops": peaks["bf16"], "fp32_matmul_peak_flops": peaks["fp32"], "plan_source": plan_source,
         "kept_layers": {name: plans[name]["kept"] for name in ("uniform", "crash")},
         "trainable_layers": {name: plans[name]["trainable"] for name in ("uniform", "crash")},

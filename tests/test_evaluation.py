@@ -155,7 +155,10 @@ def test_dtype_choice():
     assert bf16.autocast and bf16.dtype == torch.bfloat16
     fp32 = CrashlmLM(model, tok, dtype=torch.float32, progress=False)
     encoded = [fp32.encode(c, x) for c, x in REQUESTS]
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     low = [v for v, _ in bf16.score(encoded, progress=False)]
+    # The bf16 pass held the weights in bf16 and gave the fp32 values back.
+    assert all(p.dtype == torch.float32 and torch.equal(p, weights[name]) for name, p in model.named_parameters())
     assert low == pytest.approx([v for v, _ in fp32.score(encoded, progress=False)], rel=0.05)
     with pytest.raises(UsageError, match="float32 weights"):
         compute_dtype(model.to(torch.bfloat16), torch.float32)

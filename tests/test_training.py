@@ -31,7 +31,7 @@ import crashlm.training.task as task
 from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import main
 from crashlm.core.errors import RunFailure, UsageError
-from crashlm.core.models import get_layers
+from crashlm.core.models import get_layers, held_in_bf16
 from crashlm.core.scoring import mean_answer_loss
 from crashlm.emulators.bundle import load_emulator, save_bundle
 from crashlm.emulators.distill import DistillConfig, TextBatches, distill_emulator, distillation_loss
@@ -49,7 +49,7 @@ from crashlm.training.checkpoint import checkpoint_dir
 from crashlm.training.config import TrainConfig
 from crashlm.training.data import split_examples
 from crashlm.training.full import train_full
-from tests.tiny import CORPUS, batch, save_tiny, tiny_model
+from tests.tiny import CORPUS, TINY_ARCHS, batch, save_tiny, tiny_model
 
 L, K, TRAINABLE = 6, 4, 2
 REPO = Path(__file__).resolve().parents[1]
@@ -184,6 +184,53 @@ def test_plan_emulator_train_plugin(tmp_path, arch, strategy, share_trainable):
             assert torch.equal(tensor, expected)
     with torch.no_grad():
         assert torch.isfinite(full(**batch(emulator.tokenizer)).logits).all()
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_frozen_weights_are_held_in_bf16_and_restored_exactly(arch):
+    _, emulator = full_and_emulator(arch, "crash-share")
+    emulator.freeze()
+    model = emulator.model
+    # One weight that bf16 holds exactly: it comes back by upcasting, the others as they were.
+    exact = next(p for p in model.parameters() if not p.requires_grad and p.dim() == 2)
+    with torch.no_grad():
+        exact.copy_(exact.bfloat16().float())
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    params = {id(p): p for p in model.parameters()}.values()
+    frozen = [p for p in params if not p.requires_grad]
+    inputs = batch(emulator.tokenizer)
+
+    def loss() -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return float(model(**inputs, labels=inputs["input_ids"]).loss)
+
+    reference = loss()
+    with pytest.raises(KeyboardInterrupt), held_in_bf16(model, True) as held:
+        assert held == len(frozen) > 0  # a shared module (crash-share) or a tied embedding counts once
+        assert all(p.dtype == torch.bfloat16 for p in frozen)
+        assert all(p.dtype == torch.float32 for p in params if p.requires_grad)
+        held_loss = loss()
+        raise KeyboardInterrupt  # an interrupted run gives the weights back too
+    # The same products but for the bf16 residual stream, norm weights and embeddings.
+    assert held_loss == pytest.approx(reference, rel=2e-2)
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[id(p)])
+    with held_in_bf16(model, False) as held:
+        assert held == 0 and all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.integration
+def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "use_bf16", lambda requested, device: requested)
+    _, emulator = full_and_emulator("qwen3", "uniform")
+    frozen = {name: t.clone() for name, t in emulator.model.state_dict().items()
+              if t.data_ptr() not in adapter_storage(emulator)}
+    out = train_adapter(emulator, tiny_config(bf16=True), tmp_path / "adapter")
+    training = json.loads((out / ADAPTER_META).read_text())["training"]
+    assert training["mixed_precision"] == "bf16" and training["frozen_parameters_in_bf16"] > 0
+    after = emulator.model.state_dict()
+    assert all(after[name].dtype == torch.float32 and torch.equal(after[name], t) for name, t in frozen.items())
+    assert all(t.dtype == torch.float32 for t in load_adapter(out).state[emulator.plan.trainable[0]].values())
 
 
 def _prefix(model) -> str:

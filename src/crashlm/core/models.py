@@ -312,6 +312,37 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def held_in_bf16(model: nn.Module, enabled: bool, frozen_only: bool = True) -> Iterator[int]:
+    """Hold ``model``'s fp32 parameters (only the frozen ones by default) in bf16 inside the block;
+    the exact fp32 values come back after, also when the block raises.
+
+    For code that runs under bf16 autocast. There a frozen fp32 weight is re-cast at every
+    forward (autocast caches only weights that require grad), and the fp32 residual stream is
+    cast to bf16 at every matmul; a bf16 copy made once removes both. Autocast already rounds
+    every matmul's weight to bf16, so the products change only where a weight was used in fp32
+    (norm weights, embeddings) and in the residual stream, which then runs in bf16. Training
+    holds its frozen weights so (its trainable ones and their AdamW state stay fp32);
+    evaluation holds every weight. Yields how many parameters are held in bf16.
+
+    Memory: a weight that bf16 holds exactly (a bf16 checkpoint loaded in fp32) comes back by
+    upcasting, so only its bf16 copy is kept: half its fp32 size. Any other keeps its fp32
+    original too: 1.5 times its size inside the block.
+    """
+    originals: dict[nn.Parameter, torch.Tensor | None] = {}
+    if enabled:
+        for param in {id(p): p for p in model.parameters()}.values():  # a shared module counts once
+            if param.dtype == torch.float32 and not (frozen_only and param.requires_grad):
+                held = param.data.to(torch.bfloat16)
+                originals[param] = None if torch.equal(held.float(), param.data) else param.data
+                param.data = held
+    try:
+        yield len(originals)
+    finally:
+        for param, data in originals.items():
+            param.data = param.data.float() if data is None else data
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

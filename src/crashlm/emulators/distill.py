@@ -24,7 +24,7 @@ from torch import nn
 
 from crashlm.core.calibration import calibration_texts
 from crashlm.core.errors import UsageError
-from crashlm.core.models import capture_layer_io, fingerprint
+from crashlm.core.models import capture_layer_io, fingerprint, held_in_bf16
 from crashlm.core.scoring import IGNORE_INDEX, batch_answer_loss, next_token_targets, text_batches
 from crashlm.core.settings import Settings, setting
 from crashlm.emulators.bundle import save_bundle
@@ -240,7 +240,9 @@ def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: Sequence[str
                         validate=validate if val_texts else None, eval_every=config.eval_every, store=store,
                         checkpoint_every=config.eval_every, name="distillation")
     try:
-        result = loop.run()
+        # The teacher never trains; the student's adapter layers are frozen while its middle learns.
+        with held_in_bf16(teacher, bf16, frozen_only=False), held_in_bf16(student, bf16):
+            result = loop.run()
     finally:
         student.eval()
         emulator.freeze()

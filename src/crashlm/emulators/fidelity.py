@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from crashlm.analysis.removal import LayerStack
 from crashlm.core.calibration import CALIBRATION_TASK, calibration_texts
@@ -95,10 +96,14 @@ def spec_fidelity(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec]
     stack = LayerStack(model, tokenizer, texts, max_length=max_length, bf16=bf16, progress=progress)
     totals = {name: _Totals() for name in specs}
     sequences = {name: [slot.source for slot in spec.slots] for name, spec in specs.items()}
-    for batch in stack.batches:
-        full = stack.logits(batch, range(stack.num_layers))
-        for name, sequence in sequences.items():
-            totals[name].add(full, stack.logits(batch, sequence), batch.targets)
+    bar = tqdm(total=len(stack.batches) * len(specs), desc="emulator fidelity", unit="run", disable=not progress,
+               leave=False)
+    with bar:
+        for batch in stack.batches:
+            full = stack.logits(batch, range(stack.num_layers))
+            for name, sequence in sequences.items():
+                totals[name].add(full, stack.logits(batch, sequence), batch.targets)
+                bar.update()
     return {name: total.result(len(texts)) for name, total in totals.items()}
 
 

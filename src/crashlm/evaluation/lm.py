@@ -14,7 +14,7 @@ them, the same context/continuation split and left truncation) with less compute
 * rows are sorted longest first and a batch ends before padding exceeds a tenth of its tokens
   (answer lengths are long-tailed: PIQA batches of equal row count would be a third padding);
 * bf16 autocast by default where the hardware computes bf16 natively (CUDA with bf16, CPUs with
-  AVX512-BF16 or AMX). On other CPUs bf16 matmuls are emulated and several times slower than
+  AVX512-BF16 or AMX), with every weight held in bf16 for the call (cast once, not per forward). On other CPUs bf16 matmuls are emulated and several times slower than
   fp32, so fp32 stays the default there; ``dtype=torch.bfloat16`` forces the bf16 path.
 """
 
@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crashlm.core.errors import RunFailure, UsageError
-from crashlm.core.models import native_bf16
+from crashlm.core.models import held_in_bf16, native_bf16
 from crashlm.core.scoring import (
     encode_request,
     encode_text,
@@ -187,9 +187,11 @@ class CrashlmLM(LM):
         bar = tqdm(total=len(encoded), desc=desc, disable=not (progress and self.progress), unit="req", leave=False)
         training = self.model.training
         self.model.eval()
-        # One autocast region for all batches, so fp32 weights are cast to bf16 once.
+        # Under bf16 autocast every weight is held in bf16 for the call: cast once, not at every
+        # forward, and the residual stream stays in bf16 between the matmuls.
+        held = held_in_bf16(self.model, self.autocast and self.dtype == torch.bfloat16, frozen_only=False)
         try:
-            with torch.inference_mode(), autocast, bar:
+            with held, torch.inference_mode(), autocast, bar:
                 for batch in batches:
                     for index, value in self._score_rows(batch, pack):
                         results[index] = value

@@ -3,7 +3,8 @@
 All training runs on ``accelerate.Accelerator``, so ``accelerate launch`` runs task training on
 several processes or GPUs: DDP (CPU over gloo included), DeepSpeed ZeRO-1/2, and FSDP for full
 fine-tuning (``configs/``). bf16 autocast is used where the device computes bf16 natively
-(:func:`use_bf16`); weights and optimizer state stay fp32.
+(:func:`use_bf16`); the trainable weights and the optimizer state stay fp32, and the frozen
+weights are held in bf16 for the run (:func:`crashlm.core.models.held_in_bf16`).
 """
 
 from __future__ import annotations

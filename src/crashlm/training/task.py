@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from crashlm.core.models import held_in_bf16
 from crashlm.core.scoring import (
     batch_answer_loss,
     collate,
@@ -87,20 +88,23 @@ def train_on_task(model: nn.Module, tokenizer, config: TrainConfig, out_dir: str
 
     identity = {"kind": kind, "start_fingerprint": start_fingerprint, "num_processes": acc.num_processes,
                 "trainable": sorted(params)}
-    loop = TrainingLoop(
-        acc, model, params, batch_answer_loss, batches, config.max_steps or config.epochs * micro.steps_per_epoch,
-        lr=config.lr, weight_decay=config.weight_decay, schedule=warmup_schedule(config.schedule, config.warmup_ratio),
-        grad_clip=config.grad_clip, validate=_validation(acc, shards, tokenizer, val, config),
-        eval_every=config.eval_every or micro.steps_per_epoch, steps_per_epoch=micro.steps_per_epoch,
-        store=CheckpointStore(out_dir, acc, config.to_dict(), identity, VOLATILE_SETTINGS),
-        checkpoint_every=config.checkpoint_every, sharding=shards, name=f"{kind} training",
-    )
-    result = loop.run()
+    # Under DeepSpeed the engine owns the weights' dtypes; FSDP trains everything (nothing is frozen).
+    with held_in_bf16(model, acc.mixed_precision == "bf16" and shards is None) as in_bf16:
+        loop = TrainingLoop(
+            acc, model, params, batch_answer_loss, batches, config.max_steps or config.epochs * micro.steps_per_epoch,
+            lr=config.lr, weight_decay=config.weight_decay, schedule=warmup_schedule(config.schedule, config.warmup_ratio),
+            grad_clip=config.grad_clip, validate=_validation(acc, shards, tokenizer, val, config),
+            eval_every=config.eval_every or micro.steps_per_epoch, steps_per_epoch=micro.steps_per_epoch,
+            store=CheckpointStore(out_dir, acc, config.to_dict(), identity, VOLATILE_SETTINGS),
+            checkpoint_every=config.checkpoint_every, sharding=shards, name=f"{kind} training",
+        )
+        result = loop.run()
     result.record = {
         "kind": kind, "config": config.to_dict(), "steps": loop.total_steps, "steps_per_epoch": micro.steps_per_epoch,
         "train_examples": len(pairs), "val_examples": len(val),
         # Examples longer than max_length lose the start of their context, as in evaluation.
-        "truncated_train_examples": sum(p.truncated for p in pairs), **result.record,
+        "truncated_train_examples": sum(p.truncated for p in pairs), "frozen_parameters_in_bf16": in_bf16,
+        **result.record,
     }
     if acc.is_main_process:
         write(result)
