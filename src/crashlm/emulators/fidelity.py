@@ -60,6 +60,28 @@ class Fidelity:
             raise UsageError(f"fidelity record: {exc}") from exc
 
 
+@dataclass
+class _Reference:
+    """The full model's side of one batch, computed once for every emulator scored against it."""
+
+    keep: torch.Tensor  # the scored positions
+    gold: torch.Tensor  # their next tokens, [N, 1]
+    probs: torch.Tensor  # the full model's next-token distribution there, [N, V]
+    neg_entropy: float  # sum of p log p: KL(p || q) = this - sum of p log q
+    argmax: torch.Tensor
+    nll: float
+    tokens: int
+
+    @classmethod
+    def of(cls, full_logits: torch.Tensor, targets: torch.Tensor) -> _Reference:
+        keep = targets != IGNORE_INDEX
+        logp = torch.log_softmax(full_logits[keep].float(), dim=-1)
+        gold = targets[keep].unsqueeze(-1)
+        probs = logp.exp()
+        return cls(keep, gold, probs, float((probs * logp).sum(dtype=torch.float64)), logp.argmax(-1),
+                   -float(logp.gather(-1, gold).sum()), int(keep.sum()))
+
+
 class _Totals:
     """Sums over the scored tokens of one emulator."""
 
@@ -67,16 +89,14 @@ class _Totals:
         self.nll = self.full_nll = self.kl = self.agree = 0.0
         self.tokens = 0
 
-    def add(self, full_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        keep = targets != IGNORE_INDEX
-        full = torch.log_softmax(full_logits[keep].float(), dim=-1)
-        emu = torch.log_softmax(logits[keep].float(), dim=-1)
-        gold = targets[keep].unsqueeze(-1)
-        self.nll -= float(emu.gather(-1, gold).sum())
-        self.full_nll -= float(full.gather(-1, gold).sum())
-        self.kl += float((full.exp() * (full - emu)).sum())
-        self.agree += float((full.argmax(-1) == emu.argmax(-1)).sum())
-        self.tokens += int(keep.sum())
+    def add(self, reference: _Reference, logits: torch.Tensor) -> None:
+        emu = torch.log_softmax(logits[reference.keep].float(), dim=-1)
+        self.nll -= float(emu.gather(-1, reference.gold).sum())
+        self.full_nll += reference.nll
+        # float64 sums: the difference of two large sums stays exact enough for a KL near 0.
+        self.kl += reference.neg_entropy - float((reference.probs * emu).sum(dtype=torch.float64))
+        self.agree += float((reference.argmax == emu.argmax(-1)).sum())
+        self.tokens += reference.tokens
 
     def result(self, texts: int) -> Fidelity:
         n = max(self.tokens, 1)
@@ -100,9 +120,9 @@ def spec_fidelity(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec]
                leave=False)
     with bar:
         for batch in stack.batches:
-            full = stack.logits(batch, range(stack.num_layers))
+            reference = _Reference.of(stack.logits(batch, range(stack.num_layers)), batch.targets)
             for name, sequence in sequences.items():
-                totals[name].add(full, stack.logits(batch, sequence), batch.targets)
+                totals[name].add(reference, stack.logits(batch, sequence))
                 bar.update()
     return {name: total.result(len(texts)) for name, total in totals.items()}
 
@@ -123,5 +143,5 @@ def emulator_fidelity(full_model: nn.Module, emulator: Emulator, texts: Sequence
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             full = full_model(**batch, use_cache=False).logits
             logits = emulator.model(**batch, use_cache=False).logits
-        totals.add(full, logits, targets)
+        totals.add(_Reference.of(full, targets), logits)
     return totals.result(len(texts))

@@ -14,8 +14,9 @@ them, the same context/continuation split and left truncation) with less compute
 * rows are sorted longest first and a batch ends before padding exceeds a tenth of its tokens
   (answer lengths are long-tailed: PIQA batches of equal row count would be a third padding);
 * bf16 autocast by default where the hardware computes bf16 natively (CUDA with bf16, CPUs with
-  AVX512-BF16 or AMX), with every weight held in bf16 for the call (cast once, not per forward). On other CPUs bf16 matmuls are emulated and several times slower than
-  fp32, so fp32 stays the default there; ``dtype=torch.bfloat16`` forces the bf16 path.
+  AVX512-BF16 or AMX), with every weight held in bf16 for the call (cast once, not per
+  forward). On other CPUs bf16 matmuls are emulated and several times slower than fp32, so
+  fp32 stays the default there; ``dtype=torch.bfloat16`` forces the bf16 path.
 """
 
 from __future__ import annotations

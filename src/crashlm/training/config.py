@@ -43,7 +43,8 @@ class TrainConfig(Settings):
     eval_every: int | None = setting(None, "Validation loss every K optimizer steps. Default: at the end of each epoch.")
     lora: int | None = setting(None, "Train LoRA weights of this rank on the adapter layers, merged before saving. Default: off.")
     bf16: bool = setting(True, "bf16 autocast where the device computes bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), "
-                               "else fp32; trainable weights and AdamW state stay fp32, frozen weights are held in bf16 during the run.")
+                               "else fp32; trainable weights and AdamW state stay fp32, frozen weights are held in "
+                               "bf16 during the run.")
     data_source: str = setting("offline", "Where task data comes from: offline (the embedded data) or hub.")
     checkpoint_every: int = setting(100, "Resumable checkpoint every N optimizer steps (also at every validation).")
 
