@@ -219,6 +219,15 @@ def test_frozen_weights_are_held_in_bf16_and_restored_exactly(arch):
         assert held == 0 and all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_offloaded_weights_are_left_alone():
+    model, _ = tiny_model("llama", 2)
+    module = get_layers(model)[1].mlp.down_proj.to("meta")  # as accelerate leaves an offloaded weight
+    offloaded = module.weight
+    with held_in_bf16(model, True, frozen_only=False) as held:
+        assert held == len(list(model.parameters())) - 1 and offloaded.dtype == torch.float32
+    assert offloaded.device.type == "meta" and all(p.dtype == torch.float32 for p in model.parameters())
+
+
 @pytest.mark.integration
 def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "use_bf16", lambda requested, device: requested)

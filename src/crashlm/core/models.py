@@ -332,7 +332,8 @@ def held_in_bf16(model: nn.Module, enabled: bool, frozen_only: bool = True) -> I
     originals: dict[nn.Parameter, torch.Tensor | None] = {}
     if enabled:
         for param in {id(p): p for p in model.parameters()}.values():  # a shared module counts once
-            if param.dtype == torch.float32 and not (frozen_only and param.requires_grad):
+            # Offloaded weights (meta here, loaded by accelerate's hooks at each forward) stay as they are.
+            if param.dtype == torch.float32 and param.device.type != "meta" and not (frozen_only and param.requires_grad):
                 held = param.data.to(torch.bfloat16)
                 originals[param] = None if torch.equal(held.float(), param.data) else param.data
                 param.data = held
