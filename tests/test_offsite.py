@@ -17,7 +17,7 @@ from crashlm.core.io import write_json
 from crashlm.emulators.bundle import read_manifest
 from crashlm.experiments.offsite import OffsiteConfig, Pipeline, build_table, write_table
 from crashlm.experiments.offsite_config import run_label
-from crashlm.outputs.tables import gain_recovered, table_markdown
+from crashlm.outputs.tables import gain_recovered, table_markdown, table_note
 from crashlm.training.checkpoint import checkpoint_dir
 from crashlm.training.config import TrainConfig
 from crashlm.training.full import TRAINING_META
@@ -161,6 +161,19 @@ def test_gain_recovered_needs_both_rows_of_a_seed_and_averages_tasks_first():
     assert gain_recovered(zero_shot, full_ft, plugin) == {
         "gain_recovered": pytest.approx(0.25), "gain_recovered_std": None, "gain_recovered_seeds": 1}
     assert gain_recovered({"piqa": {}}, full_ft, plugin) == {}
+
+
+def test_no_gain_is_recovered_when_full_finetuning_gains_nothing():
+    zero_shot = {"piqa": {0: 0.69}, "arc_easy": {0: 0.50}}
+    worse = {"piqa": {1: 0.66, 2: 0.70}, "arc_easy": {1: 0.49, 2: 0.55}}  # seed 1 below Full ZS, seed 2 above
+    plugin = {"piqa": {1: 0.64, 2: 0.70}, "arc_easy": {1: 0.44, 2: 0.50}}
+    assert gain_recovered(zero_shot, worse, plugin)["gain_recovered_seeds"] == 1
+    assert gain_recovered(zero_shot, {t: {1: v[1]} for t, v in worse.items()}, plugin) == {}
+    rows = [{"name": "Full ZS", "average": 0.595}, {"name": "Full FT", "average": 0.575}]
+    note = table_note({"tasks": ["piqa", "arc_easy"], "model": "m", "seeds": [1], "rows": rows})
+    assert "Full FT (57.5) does not beat Full ZS (59.5)" in note
+    rows[1]["average"] = 0.6
+    assert "does not beat" not in table_note({"tasks": ["piqa"], "model": "m", "seeds": [1], "rows": rows})
 
 
 def test_offsite_refuses_boolq_whose_paragraphs_are_the_calibration_text(tmp_path, capsys):

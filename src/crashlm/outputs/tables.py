@@ -36,7 +36,9 @@ def gain_recovered(zero_shot: Scores, full_ft: Scores, plugin: Scores) -> dict:
 
     Per seed with every task scored: (plug-in average - Full ZS average) / (Full FT average -
     Full ZS average), the averages over the tasks; then the mean and sample std over those seeds
-    (std None for one seed). Empty when no seed qualifies.
+    (std None for one seed). A seed whose Full FT does not beat Full ZS has no gain to recover
+    (the ratio would be meaningless: 325 % for a plug-in below both) and is left out. Empty when
+    no seed qualifies.
     """
     tasks = list(zero_shot)
     if not tasks or not all(zero_shot[task] for task in tasks):
@@ -46,7 +48,7 @@ def gain_recovered(zero_shot: Scores, full_ft: Scores, plugin: Scores) -> dict:
     for seed in plugin[tasks[0]]:
         if all(seed in plugin[task] and seed in full_ft[task] for task in tasks):
             ft = statistics.fmean(full_ft[task][seed] for task in tasks)
-            if not math.isclose(ft, zs):
+            if ft > zs and not math.isclose(ft, zs):
                 gains.append((statistics.fmean(plugin[task][seed] for task in tasks) - zs) / (ft - zs))
     if not gains:
         return {}
@@ -95,6 +97,10 @@ def table_note(table: dict) -> str:
                 f"{c['lr']:g}: {c['best_val_loss']:.4f}" for c in choice["candidates"]) + ")"
             for task, choice in choices.items())
         note += f" Full FT learning rate chosen on the first seed's best validation loss: {tried}."
+    averages = {row["name"]: row["average"] for row in table["rows"] if row["name"] in ("Full ZS", "Full FT")}
+    if None not in averages.values() and len(averages) == 2 and averages["Full FT"] <= averages["Full ZS"]:
+        note += (f" Full FT ({100 * averages['Full FT']:.1f}) does not beat Full ZS ({100 * averages['Full ZS']:.1f}) "
+                 "on average: there is no gain to recover, so no gain is given.")
     kept = table.get("kept_layers") or {}
     if kept:
         note += " Kept layers K: " + "; ".join(
