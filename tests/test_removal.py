@@ -16,7 +16,7 @@ from crashlm.core.errors import UsageError
 from crashlm.core.models import get_layers, num_layers
 from crashlm.core.scoring import IGNORE_INDEX
 from crashlm.emulators.emulator import build_emulator
-from crashlm.emulators.fidelity import _Totals, emulator_fidelity, spec_fidelity
+from crashlm.emulators.fidelity import _Reference, _Totals, emulator_fidelity, spec_fidelity
 from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing
 from crashlm.emulators.plugin import apply_adapter, load_adapter, save_adapter
 from crashlm.emulators.strategies import STRATEGIES, get_strategy, plan_for
@@ -160,7 +160,7 @@ def test_fidelity_of_the_full_model_against_itself_is_perfect():
     logits = torch.randn(2, 5, 11)
     targets = torch.tensor([[1, 2, 3, IGNORE_INDEX, IGNORE_INDEX], [4, 5, 6, 7, IGNORE_INDEX]])
     totals = _Totals()
-    totals.add(logits, logits.clone(), targets)
+    totals.add(_Reference.of(logits, targets), logits.clone())
     same = totals.result(texts=2)
     assert same.kl == pytest.approx(0.0, abs=1e-6) and same.top1 == 1.0 and same.loss == same.full_loss
     assert same.tokens == 7
@@ -168,7 +168,7 @@ def test_fidelity_of_the_full_model_against_itself_is_perfect():
     stack = LayerStack(model, tokenizer, CORPUS, bf16=False, progress=False)
     batch = stack.batches[0]
     totals = _Totals()
-    totals.add(stack.logits(batch, range(L)), stack.logits(batch, range(L)), batch.targets)
+    totals.add(_Reference.of(stack.logits(batch, range(L)), batch.targets), stack.logits(batch, range(L)))
     assert totals.result(len(CORPUS)).kl == 0.0 and totals.result(len(CORPUS)).top1 == 1.0
 
 
