@@ -31,6 +31,7 @@ reported as well (on CPUs without native bf16 the bf16 peak is far below the fp3
     .venv/bin/python benchmarks/bench_train.py --configs uniform --compile --vary-length --steps 4
                                                 # torch.compile: every step's time, compiles included
     .venv/bin/python benchmarks/bench_train.py --no-frozen-bf16   # frozen weights re-cast by autocast
+    .venv/bin/python benchmarks/bench_train.py --sdpa-attention   # fused attention's backward at every length
     python benchmarks/bench_train.py --random-init --device cuda   # GPU machine without model files
 
 ``--vary-length`` gives each step a different length (``--seq-len`` minus 8 per step, cycling
@@ -39,7 +40,9 @@ forward under ``torch.compile(dynamic=True)``) every step's time is reported, so
 time and what a new length costs are visible next to the steady step. Where training computes
 in bf16, the frozen parameters are held in bf16 for the run, as ``crashlm train`` does
 (:func:`crashlm.core.models.held_in_bf16`); ``--no-frozen-bf16`` keeps them fp32, so
-autocast re-casts them at every forward (crashlm before that change).
+autocast re-casts them at every forward (crashlm before that change). Attention runs as in
+``crashlm train`` (:func:`crashlm.core.attention.training_attention`: explicit products for short
+sequences in bf16 on a CPU); ``--sdpa-attention`` keeps the fused kernel throughout.
 
 The last printed line is one JSON object.
 """
@@ -185,6 +188,7 @@ def step_lengths(args) -> list[int]:
 
 def worker(args) -> dict:
     """Train one configuration for warmup + steps; report speed, memory and FLOPs."""
+    from crashlm.core.attention import training_attention
     from crashlm.core.models import get_layers, held_in_bf16
     from crashlm.core.scoring import batch_answer_loss
     from crashlm.emulators.emulator import build_emulator
@@ -206,6 +210,7 @@ def worker(args) -> dict:
     model.to(device).train()
     stack = contextlib.ExitStack()  # the worker process ends with the run: nothing to restore
     frozen_bf16 = stack.enter_context(held_in_bf16(model, bf16 and not args.no_frozen_bf16))
+    attention = stack.enter_context(training_attention(model, bf16 and not args.sdpa_attention))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the training loop
@@ -253,6 +258,7 @@ def worker(args) -> dict:
         "step_lengths": lengths,
         "compiled": args.compile,
         "frozen_parameters_in_bf16": frozen_bf16,
+        "attention": attention,
         "tokens_per_second": tokens / sum(times),
         "peak_memory_bytes": int(memory),
         "flops_per_step": flops,
@@ -292,6 +298,9 @@ def parse_args(argv=None):
                         help="a different sequence length per step (seq-len minus 0, 8, 16, 24), as real batches")
     parser.add_argument("--no-frozen-bf16", action="store_true",
                         help="keep the frozen weights fp32 (by default they are held in bf16 where training computes in bf16)")
+    parser.add_argument("--sdpa-attention", action="store_true",
+                        help="fused attention at every length (by default short sequences in bf16 on a CPU run the "
+                             "explicit products, as crashlm train does)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--plans", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -314,7 +323,8 @@ def forwarded(args) -> list[str]:
                "--warmup", str(args.warmup)]
     options += ["--threads", str(args.threads)] if args.threads else []
     options += [flag for flag, on in (("--profile", args.profile), ("--compile", args.compile),
-                                      ("--vary-length", args.vary_length), ("--no-frozen-bf16", args.no_frozen_bf16)) if on]
+                                      ("--vary-length", args.vary_length), ("--no-frozen-bf16", args.no_frozen_bf16),
+                                      ("--sdpa-attention", args.sdpa_attention)) if on]
     return options + (["--random-init"] if args.random_init else [])
 
 
@@ -379,6 +389,7 @@ def main(argv=None) -> None:
     print("frozen parameters held in bf16: " + ", ".join(
         f"{name} {row['frozen_parameters_in_bf16']}" for name, row in rows.items())
           + ("" if bf16 else " (none: training computes in fp32 here)"))
+    print("attention: " + ", ".join(f"{name} {row['attention']}" for name, row in rows.items()))
     if args.profile:
         for name, row in rows.items():
             print(format_breakdown(f"{name} (profiled)", row["profile"]))
@@ -389,6 +400,7 @@ def main(argv=None) -> None:
         "machine": machine(device), "quick": args.quick, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "answer_len": args.answer_len, "steps": args.steps, "compute_dtype": "bf16" if bf16 else "fp32",
         "compile": args.compile, "vary_length": args.vary_length, "frozen_bf16": bf16 and not args.no_frozen_bf16,
+        "sdpa_attention": args.sdpa_attention,
         "bf16_matmul_peak_flops": peaks["bf16"], "fp32_matmul_peak_flops": peaks["fp32"], "plan_source": plan_source,
         "kept_layers": {name: plans[name]["kept"] for name in ("uniform", "crash")},
         "trainable_layers": {name: plans[name]["trainable"] for name in ("uniform", "crash")},

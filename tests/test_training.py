@@ -30,6 +30,7 @@ import crashlm.training.runtime as runtime
 import crashlm.training.task as task
 from crashlm.analysis.similarity import SimilarityResult
 from crashlm.cli import main
+from crashlm.core.attention import IMPLEMENTATION
 from crashlm.core.errors import RunFailure, UsageError
 from crashlm.core.models import get_layers, held_in_bf16
 from crashlm.core.scoring import mean_answer_loss
@@ -237,6 +238,7 @@ def test_bf16_training_holds_frozen_weights_in_bf16_and_gives_them_back(tmp_path
     out = train_adapter(emulator, tiny_config(bf16=True), tmp_path / "adapter")
     training = json.loads((out / ADAPTER_META).read_text())["training"]
     assert training["mixed_precision"] == "bf16" and training["frozen_parameters_in_bf16"] > 0
+    assert training["attention"] == IMPLEMENTATION  # short sequences: explicit products on a CPU
     after = emulator.model.state_dict()
     assert all(after[name].dtype == torch.float32 and torch.equal(after[name], t) for name, t in frozen.items())
     assert all(t.dtype == torch.float32 for t in load_adapter(out).state[emulator.plan.trainable[0]].values())

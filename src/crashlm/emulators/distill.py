@@ -22,6 +22,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from crashlm.core.attention import training_attention
 from crashlm.core.calibration import calibration_texts
 from crashlm.core.errors import UsageError
 from crashlm.core.models import capture_layer_io, fingerprint, held_in_bf16
@@ -241,7 +242,8 @@ def distill_emulator(teacher: nn.Module, emulator: Emulator, texts: Sequence[str
                         checkpoint_every=config.eval_every, name="distillation")
     try:
         # The teacher never trains; the student's adapter layers are frozen while its middle learns.
-        with held_in_bf16(teacher, bf16, frozen_only=False), held_in_bf16(student, bf16):
+        with held_in_bf16(teacher, bf16, frozen_only=False), held_in_bf16(student, bf16), \
+                training_attention(student, bf16):
             result = loop.run()
     finally:
         student.eval()

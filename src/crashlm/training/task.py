@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from crashlm.core.attention import training_attention
 from crashlm.core.models import held_in_bf16
 from crashlm.core.scoring import (
     batch_answer_loss,
@@ -88,8 +89,9 @@ def train_on_task(model: nn.Module, tokenizer, config: TrainConfig, out_dir: str
 
     identity = {"kind": kind, "start_fingerprint": start_fingerprint, "num_processes": acc.num_processes,
                 "trainable": sorted(params)}
+    bf16 = acc.mixed_precision == "bf16"
     # Under DeepSpeed the engine owns the weights' dtypes; FSDP trains everything (nothing is frozen).
-    with held_in_bf16(model, acc.mixed_precision == "bf16" and shards is None) as in_bf16:
+    with held_in_bf16(model, bf16 and shards is None) as in_bf16, training_attention(model, bf16) as attention:
         loop = TrainingLoop(
             acc, model, params, batch_answer_loss, batches, config.max_steps or config.epochs * micro.steps_per_epoch,
             lr=config.lr, weight_decay=config.weight_decay, schedule=warmup_schedule(config.schedule, config.warmup_ratio),
@@ -104,6 +106,7 @@ def train_on_task(model: nn.Module, tokenizer, config: TrainConfig, out_dir: str
         "train_examples": len(pairs), "val_examples": len(val),
         # Examples longer than max_length lose the start of their context, as in evaluation.
         "truncated_train_examples": sum(p.truncated for p in pairs), "frozen_parameters_in_bf16": in_bf16,
+        "attention": attention,
         **result.record,
     }
     if acc.is_main_process:
