@@ -4,7 +4,8 @@ All training runs on ``accelerate.Accelerator``, so ``accelerate launch`` runs t
 several processes or GPUs: DDP (CPU over gloo included), DeepSpeed ZeRO-1/2, and FSDP for full
 fine-tuning (``configs/``). bf16 autocast is used where the device computes bf16 natively
 (:func:`use_bf16`); the trainable weights and the optimizer state stay fp32, and the frozen
-weights are held in bf16 for the run (:func:`crashlm.core.models.held_in_bf16`).
+weights are held in bf16 for the run (:func:`crashlm.core.models.held_in_bf16`), and on a CPU short
+sequences' attention runs as explicit products (:func:`crashlm.core.attention.training_attention`).
 """
 
 from __future__ import annotations
