@@ -94,8 +94,8 @@ def training_attention(model: nn.Module, enabled: bool) -> Iterator[str]:
     """Inside the block, a model that runs SDPA attention runs :func:`attention_forward` instead; its own
     implementation comes back after, also when the block raises. Yields the implementation in use.
 
-    For training in bf16 on a CPU (``enabled``); a model on another implementation (eager,
-    flex) or that cannot switch keeps its own."""
+    ``enabled``: the block trains in bf16 (on a GPU every call still runs SDPA). A model on another
+    implementation (eager, flex) or that cannot switch keeps its own."""
     inner = getattr(model, "module", model)  # DDP wraps the model
     config = getattr(inner, "config", None)
     before = getattr(config, "_attn_implementation", None)
