@@ -55,7 +55,7 @@ demo: assets
 		--out $(DEMO_DIR)
 
 bench-quick: install
-	for b in cka eval train landscape; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
+	for b in attention cka eval train landscape; do $(BIN)/python benchmarks/bench_$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -6,6 +6,7 @@ faster at each sequence length. The shapes are SmolLM2-135M's attention (9 query
 key/value heads, head size 64) on a batch of 8, causal, as a training step sees them.
 
     .venv/bin/python benchmarks/bench_attention.py                      # bf16, 1 thread
+    .venv/bin/python benchmarks/bench_attention.py --quick              # two lengths, a few seconds
     .venv/bin/python benchmarks/bench_attention.py --threads 2 --lengths 96,128,192,256
     .venv/bin/python benchmarks/bench_attention.py --dtype float32
 
@@ -63,6 +64,7 @@ def measure(tokens: int, args) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="lengths 64 and 192, short timings (a few seconds)")
     parser.add_argument("--lengths", default="32,64,96,128,160,192,256,384,512", help="sequence lengths")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -74,8 +76,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
         parser.error("--heads must be a multiple of --kv-heads")
+    if args.quick:
+        args.lengths, args.seconds = "64,192", 0.05
     torch.set_num_threads(args.threads)
-    lengths = [int(n) for n in args.lengths.split(",")]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths: comma-separated whole numbers, got {args.lengths!r}")
+    if min(lengths) < 1:
+        parser.error("--lengths: every length must be at least 1")
     print(f"{args.dtype} on CPU, torch {torch.__version__}, {args.threads} thread(s), load average "
           f"{os.getloadavg()[0]:.1f}; batch {args.batch}, {args.heads} heads over {args.kv_heads}, head size "
           f"{args.head_size}, causal. crashlm trains with the explicit products below {EXPLICIT_BELOW_TOKENS} tokens "
