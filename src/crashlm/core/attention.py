@@ -1,13 +1,14 @@
 """Attention for bf16 training on a CPU: explicit products for short sequences, SDPA otherwise.
 
-PyTorch's fused CPU attention (``scaled_dot_product_attention``'s flash kernel) is fast
-forward, but its bf16 backward is slow on short sequences (its time even falls from 160 to 192
-tokens: 30.2 to 24.1 ms below, the kernel blocks its work differently there). On a 2-core AMX Xeon (torch 2.13, one thread; ``benchmarks/bench_attention.py``,
-SmolLM2-135M's heads on a batch of 8) its forward + backward took 18.5 / 26.0 ms at 96 / 128
-tokens, against 9.3 / 15.6 ms for the explicit products (``softmax(q k^T) v``, the softmax in
-fp32, as transformers' eager attention); from 192 tokens on the fused kernel is the faster one
-(24.1 against 32.2 ms at 192, 98.6 against 324.2 at 512). Forward only, without a backward, the
-fused kernel is faster at every length (1.5 against 3.4 ms at 128).
+PyTorch's fused CPU attention (``scaled_dot_product_attention``'s flash kernel) is fast forward,
+but its bf16 backward is slow on short sequences (its time even falls from 160 to 192 tokens: 30.2
+to 24.1 ms below, the kernel blocks its work differently there). On a 2-core AMX Xeon (torch 2.13,
+one thread; ``benchmarks/bench_attention.py``, SmolLM2-135M's heads on a batch of 8) its forward +
+backward took 18.5 / 26.0 ms at 96 / 128 tokens, against 9.3 / 15.6 ms for the explicit products
+(``softmax(q k^T) v``, the softmax in fp32, as transformers' eager attention); from 192 tokens on
+the fused kernel is the faster one (24.1 against 32.2 ms at 192, 98.6 against 324.2 at 512).
+Forward only, without a backward, the fused kernel is faster at every length (1.5 against 3.4 ms at
+128).
 
 So :func:`training_attention` switches a model to :func:`attention_forward` for a block of training:
 a call whose query needs a gradient, in bf16, on a CPU, with fewer than
