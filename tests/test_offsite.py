@@ -229,6 +229,47 @@ def test_full_ft_learning_rate_is_chosen_on_validation_loss(tmp_path, tiny_llama
     assert len(trained) == 4
 
 
+def test_adapter_learning_rate_is_chosen_per_task_and_emulator_on_validation_loss(tmp_path, tiny_llama_dir, monkeypatch):
+    """--adapter-lrs: the first seed trains once per rate on each emulator, its best rate trains the other
+    seeds, and the first seed's adapter is the grid's (not trained twice)."""
+    losses = {("uniform", 1e-4): 2.0, ("uniform", 1e-3): 1.5, ("drop-last", 1e-4): 1.0, ("drop-last", 1e-3): 3.0}
+    trained = []
+
+    def fake_build(self, task, strategy, bundle):
+        write_json(bundle / "crashlm.json", {"strategy": strategy})
+
+    def fake_train_adapter(emulator, config, out, resume):
+        strategy = Path(out).parts[-4] if "lr_grid" in Path(out).parts else Path(out).parts[-3]
+        trained.append((strategy, config.lr, config.seed))
+        write_json(Path(out) / "adapter.json", {"training": {"best_val_loss": losses[strategy, config.lr]},
+                                                "validation_curve": []})
+
+    def fake_evaluate(self, out, task, **target):
+        write_json(out, {"scores": {task: {"acc": 0.5}}})
+
+    monkeypatch.setattr(offsite, "train_adapter", fake_train_adapter)
+    monkeypatch.setattr(offsite, "load_emulator", lambda path: None)
+    monkeypatch.setattr(Pipeline, "_build", fake_build)
+    monkeypatch.setattr(Pipeline, "_evaluate", fake_evaluate)
+    config = OffsiteConfig(model=str(tiny_llama_dir), tasks=["piqa"], strategies=["uniform", "drop-last"], k=4, trainable=2,
+                           full_ft=False, seeds=[3, 4], adapter_lrs=[1e-4, 1e-3],
+                           train=TrainConfig(train_samples=8, val_samples=4, lr=5e-5))
+    run_dir = tmp_path / "run"
+    table = Pipeline(config, run_dir, Console(file=io.StringIO())).run()
+    assert trained == [("uniform", 1e-4, 3), ("uniform", 1e-3, 3), ("uniform", 1e-3, 4),
+                       ("drop-last", 1e-4, 3), ("drop-last", 1e-3, 3), ("drop-last", 1e-4, 4)]
+    choice = json.loads((run_dir / "piqa/uniform/lr.json").read_text())
+    assert choice["chosen"] == 1e-3 and choice["seed"] == 3 and table["adapter_lr"]["uniform"]["piqa"] == choice
+    assert table["adapter_lr"]["drop-last"]["piqa"]["chosen"] == 1e-4
+    assert (run_dir / "piqa/uniform/seed3/adapter/adapter.json").read_bytes() == \
+        (run_dir / "piqa/uniform/lr_grid/lr0.001/adapter/adapter.json").read_bytes()
+    assert "uniform piqa 0.001; drop-last piqa 0.0001" in table_note(table)
+    Pipeline(config, run_dir, Console(file=io.StringIO())).run()  # a re-run trains nothing again
+    assert len(trained) == 6
+    with pytest.raises(UsageError, match="adapter-lrs"):
+        replace(config, adapter_lrs=[1e-4, 1e-4]).validate()
+
+
 @pytest.mark.integration
 def test_distill_adds_a_kd_row_per_strategy_and_distils_each_emulator_once(tmp_path, capsys, monkeypatch):
     model = save_tiny("llama", tmp_path / "tiny-llama", num_layers=8, max_position_embeddings=1024)

@@ -20,6 +20,8 @@ Layout of ``RUN_DIR``::
     <task>/<strategy>/plan.json        layer plan, clusters.png beside it
     fidelity/<key>.json                each distinct emulator's fidelity, copied into its bundles
     <task>/<strategy>/emulator/        emulator bundle; emu_zs.json beside it
+    <task>/<strategy>/lr.json          with --adapter-lrs: the adapter learning rate chosen on validation loss
+    <task>/<strategy>/lr_grid/lr<lr>/adapter/  with --adapter-lrs: the first seed's adapter at each rate
     <task>/<strategy>/seed<s>/adapter/ trained adapter; emu_ft.json, plugin.json beside it
     <task>/<strategy>-kd/              the same on the distilled emulator (its bundle a copy)
     distilled/<key>/                   one distilled bundle per distinct emulator, for every task and seed
@@ -50,6 +52,7 @@ from crashlm.emulators.emulator import build_emulator
 from crashlm.emulators.fidelity import spec_fidelity
 from crashlm.emulators.finetune import train_adapter
 from crashlm.emulators.plans import EmulatorSpec, LayerPlan
+from crashlm.emulators.plugin import ADAPTER_META
 from crashlm.emulators.strategies import (
     CALIBRATION,
     SIMILARITY,
@@ -67,6 +70,7 @@ from crashlm.experiments.offsite_config import (
     LR_CHOICE,
     PLANS_DIR,
     OffsiteConfig,
+    adapter_grid_dir,
     base_strategy,
     emulator_key,
     full_ft_dir,
@@ -148,25 +152,52 @@ class Pipeline:
         model, tokenizer = load_model(self.config.model)
         train_full(model, tokenizer, replace(self.config.training(task, seed), lr=lr), out, resume=True)
 
+    def _choose_lr(self, path: Path, label: str, lrs: list[float], trained: Callable[[float], Path]) -> float:
+        """The learning rate of a grid with the lowest best validation loss; ``trained(lr)`` trains (or
+        finds) the first seed's run at ``lr`` and returns its training record. ``path`` records every
+        candidate's loss and is the step's checkpoint."""
+
+        def choose() -> None:
+            candidates = []
+            for lr in lrs:
+                record = read_json(trained(lr), "training record")["training"]
+                candidates.append({"lr": lr, "best_val_loss": record["best_val_loss"]})
+            chosen = min(candidates, key=lambda candidate: candidate["best_val_loss"])["lr"]
+            write_json(path, {"seed": self.config.seeds[0], "chosen": chosen, "candidates": candidates})
+
+        self._step(path, f"{label} learning rate of {', '.join(f'{lr:g}' for lr in lrs)}", choose)
+        return read_json(path, "learning-rate choice")["chosen"]
+
     def full_ft_lr(self, task: str) -> float:
         """Full fine-tuning's learning rate for ``task``: the first seed trains once per candidate, the
         lowest best validation loss wins (``<task>/full_ft/lr.json`` records every candidate's)."""
-        c, path = self.config, self.run_dir / task / "full_ft" / LR_CHOICE
+        c, seed = self.config, self.config.seeds[0]
 
-        def choose() -> None:
-            seed, candidates = c.seeds[0], []
-            for lr in c.full_ft_lrs:
-                model_dir = full_ft_dir(self.run_dir, task, lr, seed) / "model"
-                self._step(model_dir, f"{task}: full fine-tuning, lr {lr:g}, seed {seed}",
-                           lambda lr=lr, model_dir=model_dir: self._train_full(task, seed, lr, model_dir))
-                record = read_json(model_dir / TRAINING_META, "training record")["training"]
-                candidates.append({"lr": lr, "best_val_loss": record["best_val_loss"]})
-            chosen = min(candidates, key=lambda candidate: candidate["best_val_loss"])["lr"]
-            write_json(path, {"seed": seed, "chosen": chosen, "candidates": candidates})
+        def trained(lr: float) -> Path:
+            model_dir = full_ft_dir(self.run_dir, task, lr, seed) / "model"
+            self._step(model_dir, f"{task}: full fine-tuning, lr {lr:g}, seed {seed}",
+                       lambda: self._train_full(task, seed, lr, model_dir))
+            return model_dir / TRAINING_META
 
-        self._step(path, f"{task}: full fine-tuning learning rate of {', '.join(f'{lr:g}' for lr in c.full_ft_lrs)}",
-                   choose)
-        return read_json(path, "learning-rate choice")["chosen"]
+        return self._choose_lr(self.run_dir / task / "full_ft" / LR_CHOICE, f"{task}: full fine-tuning", c.full_ft_lrs,
+                               trained)
+
+    def adapter_lr(self, task: str, run: str, bundle: Path) -> float:
+        """The adapter's learning rate for ``task`` on the run's emulator: ``--lr``, or with
+        ``--adapter-lrs`` the grid's rate of lowest best validation loss on the emulator, each
+        candidate trained on the first seed (``<task>/<run>/lr.json`` records every candidate's)."""
+        c, seed = self.config, self.config.seeds[0]
+        if not c.adapter_lrs:
+            return c.train.lr
+
+        def trained(lr: float) -> Path:
+            adapter = adapter_grid_dir(self.run_dir, task, run, lr)
+            self._step(adapter, f"{task}: {run} adapter training, lr {lr:g}, seed {seed}",
+                       lambda: train_adapter(load_emulator(bundle), replace(c.training(task, seed), lr=lr), adapter,
+                                             resume=True))
+            return adapter / ADAPTER_META
+
+        return self._choose_lr(self.run_dir / task / run / LR_CHOICE, f"{task}: {run} adapter", c.adapter_lrs, trained)
 
     def full_model_rows(self, task: str) -> None:
         c = self.config
@@ -295,12 +326,18 @@ class Pipeline:
             self._step(bundle, f"{task}: {run} emulator", lambda: self._build(task, run, bundle))
         self._step(sdir / "emu_zs.json", f"{task}: {run} emulator zero-shot",
                    lambda: self._evaluate(sdir / "emu_zs.json", task, emulator=str(bundle)))
+        lr = self.adapter_lr(task, run, bundle)
         for seed in c.seeds:
             seed_dir = sdir / f"seed{seed}"
             adapter = seed_dir / "adapter"
 
             def train(seed=seed, adapter=adapter):
-                train_adapter(load_emulator(bundle), self.config.training(task, seed), adapter, resume=True)
+                if c.adapter_lrs and seed == c.seeds[0]:  # the grid trained it already
+                    with atomic_dir(adapter) as tmp:
+                        shutil.copytree(adapter_grid_dir(self.run_dir, task, run, lr), tmp, copy_function=_link_or_copy,
+                                        dirs_exist_ok=True)
+                else:
+                    train_adapter(load_emulator(bundle), replace(c.training(task, seed), lr=lr), adapter, resume=True)
 
             self._step(adapter, f"{task}: {run} adapter training, seed {seed}", train)
             self._step(seed_dir / "emu_ft.json", f"{task}: {run} emulator + adapter, seed {seed}",

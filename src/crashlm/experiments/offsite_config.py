@@ -32,12 +32,17 @@ from crashlm.training.config import TrainConfig
 
 # A "+ KD" run is "<strategy>-kd"; the distilled uniform emulator keeps the paper's label.
 KD_SUFFIX, KD_PAPER_LABELS = "-kd", {"uniform-kd": "OFT + KD"}
-DISTILLED_DIR, FIDELITY_DIR, LR_CHOICE, PLANS_DIR = "distilled", "fidelity", "lr.json", "plans"
+DISTILLED_DIR, FIDELITY_DIR, LR_CHOICE, LR_GRID_DIR, PLANS_DIR = "distilled", "fidelity", "lr.json", "lr_grid", "plans"
 AUTO_K = "auto"  # --k auto: each strategy's K chosen on calibration loss
 
 
 def _offsite_training() -> TrainConfig:
     return TrainConfig(train_samples=2000)
+
+
+def _learning_rates(lrs: list[float]) -> bool:
+    """A learning-rate grid: distinct, positive, finite, at least one."""
+    return bool(lrs) and len(set(lrs)) == len(lrs) and all(math.isfinite(lr) and lr > 0 for lr in lrs)
 
 
 def _known_strategy(name: str) -> bool:
@@ -68,6 +73,10 @@ class OffsiteConfig(Settings):
         help="Full fine-tuning learning rates: the first seed trains once per rate, the lowest best validation loss "
              "sets the rate of every seed (Offsite-Tuning's full fine-tuning uses 2e-5).",
         factory=lambda: [2e-5, 5e-5, 1e-4])
+    adapter_lrs: list[float] | None = setting(
+        None, "Adapter learning rates: per task and emulator, the first seed trains once per rate and the lowest best "
+              "validation loss on the emulator (all the data owner can measure) sets the rate of every seed. "
+              "Default: --lr alone.")
     distill: bool = setting(False, "Add a '+ KD' row per strategy: its emulator distilled on calibration text.")
     distill_strategies: list[str] | None = setting(
         None, "With --distill: the strategies that get a '+ KD' row (each one of --strategies). Default: all of them.")
@@ -104,9 +113,10 @@ class OffsiteConfig(Settings):
             raise UsageError("nothing to run: give strategies or --full-ft")
         if self.train.lora and self.full_ft:
             raise UsageError("LoRA trains adapter layers, full fine-tuning trains every weight: drop --lora or add --no-full-ft")
-        if self.full_ft and (not self.full_ft_lrs or len(set(self.full_ft_lrs)) != len(self.full_ft_lrs)
-                             or not all(math.isfinite(lr) and lr > 0 for lr in self.full_ft_lrs)):
+        if self.full_ft and not _learning_rates(self.full_ft_lrs):
             raise UsageError("--full-ft-lrs must be distinct positive learning rates, at least one")
+        if self.adapter_lrs is not None and not _learning_rates(self.adapter_lrs):
+            raise UsageError("--adapter-lrs must be distinct positive learning rates, at least one")
         self.check_positive("trainable", "similarity_samples", "calibration_samples", "distill_steps")
         extra = sorted(set(self.distill_strategies or ()) - set(self.strategies))
         if extra:
@@ -161,5 +171,10 @@ def emulator_key(spec: EmulatorSpec) -> str:
 
 def full_ft_dir(run_dir: Path, task: str, lr: float, seed: int) -> Path:
     return run_dir / task / "full_ft" / f"lr{lr:g}" / f"seed{seed}"
+
+
+def adapter_grid_dir(run_dir: Path, task: str, run: str, lr: float) -> Path:
+    """Where ``--adapter-lrs`` trains the first seed's adapter at ``lr`` (the chosen one is linked to ``seed<s>/``)."""
+    return run_dir / task / run / LR_GRID_DIR / f"lr{lr:g}" / "adapter"
 
 

@@ -67,10 +67,14 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     distilled = {run: {task: {key: record[key] for key in ("chosen_step", "before", "after")}
                        for task, record in by_task.items()}
                  for run, by_task in _bundle_records(run_dir, config, "distillation").items()}
+    adapter_lrs = {run: by_task for run in config.strategy_runs()
+                   if (by_task := {t: read_json(p, "learning-rate choice") for t in tasks
+                                   if (p := run_dir / t / run / LR_CHOICE).exists()})}
     kept = {run: {task: LayerPlan.load(path).k for task in tasks
                   if (path := run_dir / task / base_strategy(run) / "plan.json").exists()}
             for run in config.strategies}
     return {"model": config.model, "tasks": tasks, "seeds": seeds, "metric": "acc", "rows": rows, "full_ft_lr": lrs,
+            "adapter_lr": adapter_lrs,
             "kept_layers": {run: by_task for run, by_task in kept.items() if by_task},
             "fidelity": _bundle_records(run_dir, config, "fidelity"), "distillation": distilled,
             "config": config.to_dict()}

@@ -97,6 +97,11 @@ def table_note(table: dict) -> str:
                 f"{c['lr']:g}: {c['best_val_loss']:.4f}" for c in choice["candidates"]) + ")"
             for task, choice in choices.items())
         note += f" Full FT learning rate chosen on the first seed's best validation loss: {tried}."
+    adapter_choices = table.get("adapter_lr") or {}
+    if adapter_choices:
+        note += " Adapter learning rate chosen on the first seed's best validation loss on the emulator: " + "; ".join(
+            f"{run} " + ", ".join(f"{task} {choice['chosen']:g}" for task, choice in by_task.items())
+            for run, by_task in adapter_choices.items()) + "."
     averages = {row["name"]: row["average"] for row in table["rows"] if row["name"] in ("Full ZS", "Full FT")}
     if None not in averages.values() and len(averages) == 2 and averages["Full FT"] <= averages["Full ZS"]:
         note += (f" Full FT ({100 * averages['Full FT']:.1f}) does not beat Full ZS ({100 * averages['Full ZS']:.1f}) "
