@@ -1,0 +1,85 @@
+"""Each plug-in's gain over Full ZS per task, in points, and as a share of Full FT's mean gain.
+
+The table's "gain recovered" is a mean of per-seed ratios, which a seed whose Full FT gained
+almost nothing turns into noise (a 0.3-point denominator makes one item a 300 % swing). This
+script reads a `crashlm offsite` run directory and prints, per task and on the average, each
+row's gain in accuracy points (mean ± std over seeds) and the ratio of the mean gains
+(plug-in / Full FT), whose ± is the plug-in gain's seed std over Full FT's mean gain:
+
+    .venv/bin/python benchmarks/task_gains.py runs/offsite_gemma3_3seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from crashlm.core.errors import UsageError
+from crashlm.core.io import read_json
+from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
+
+
+def _acc(path: Path, task: str) -> float:
+    return 100 * float(read_json(path, "evaluation result")["scores"][task]["acc"])
+
+
+def task_gains(run_dir: Path) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """(tasks, {row: {task or "average": per-seed gain over Full ZS in points}}) for Full FT and each
+    plug-in row that has every task and seed."""
+    config = OffsiteConfig.from_dict(read_json(run_dir / "config.json", "run configuration"))
+    tasks, seeds = config.tasks, config.seeds
+    zero_shot = {t: _acc(run_dir / t / "full_zs.json", t) for t in tasks}
+    paths = {}
+    if config.full_ft:
+        lrs = {t: read_json(run_dir / t / "full_ft" / LR_CHOICE, "learning-rate choice")["chosen"] for t in tasks}
+        paths["Full FT"] = lambda t, s: full_ft_dir(run_dir, t, lrs[t], s) / "eval.json"
+    for run in config.strategy_runs():
+        paths[f"{run_label(run)}, Plug-in"] = lambda t, s, run=run: run_dir / t / run / f"seed{s}" / "plugin.json"
+    gains = {}
+    for row, path_of in paths.items():
+        if not all(path_of(t, s).is_file() for t in tasks for s in seeds):
+            continue  # a row the run has not finished
+        per_task = {t: [_acc(path_of(t, s), t) - zero_shot[t] for s in seeds] for t in tasks}
+        per_task["average"] = [statistics.fmean(per_task[t][i] for t in tasks) for i in range(len(seeds))]
+        gains[row] = per_task
+    return tasks, gains
+
+
+def _points(values: list[float]) -> str:
+    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):+.1f}{spread}"
+
+
+def gains_markdown(tasks: list[str], gains: dict[str, dict[str, list[float]]]) -> str:
+    columns = [*tasks, "average"]
+    full = gains.get("Full FT")
+    lines = ["| row | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row, per_task in gains.items():
+        cells = []
+        for column in columns:
+            cell = _points(per_task[column])
+            denominator = statistics.fmean(full[column]) if full and row != "Full FT" else 0.0
+            if denominator > 0:
+                spread = statistics.stdev(per_task[column]) / denominator if len(per_task[column]) > 1 else None
+                cell += f" ({100 * statistics.fmean(per_task[column]) / denominator + 0.0:.0f}" + (
+                    f" ± {100 * spread:.0f} %)" if spread is not None else " %)")
+            cells.append(cell)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args()
+    try:
+        print(gains_markdown(*task_gains(args.run_dir)), end="")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The benchmarks' per-task gain collector (benchmarks/task_gains.py) on a hand-made run directory."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crashlm.core.io import write_json
+from crashlm.experiments.offsite import OffsiteConfig
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from task_gains import gains_markdown, task_gains  # noqa: E402
+
+
+def _run_dir(root: Path) -> Path:
+    config = OffsiteConfig(model="m", tasks=["piqa", "arc_easy"], strategies=["uniform", "greedy"], seeds=[1, 2])
+    write_json(root / "config.json", config.to_dict())
+    scores = {
+        "piqa/full_zs.json": 0.50, "arc_easy/full_zs.json": 0.40,
+        "piqa/full_ft/lr0.0001/seed1/eval.json": 0.60, "piqa/full_ft/lr0.0001/seed2/eval.json": 0.50,
+        "arc_easy/full_ft/lr0.0001/seed1/eval.json": 0.50, "arc_easy/full_ft/lr0.0001/seed2/eval.json": 0.50,
+        "piqa/uniform/seed1/plugin.json": 0.55, "piqa/uniform/seed2/plugin.json": 0.45,
+        "arc_easy/uniform/seed1/plugin.json": 0.45, "arc_easy/uniform/seed2/plugin.json": 0.45,
+        "piqa/greedy/seed1/plugin.json": 0.55,  # greedy unfinished: left out
+    }
+    for relative, acc in scores.items():
+        task = relative.split("/")[0]
+        write_json(root / relative, {"scores": {task: {"acc": acc}}})
+    for task in ("piqa", "arc_easy"):
+        write_json(root / task / "full_ft" / "lr.json", {"seed": 1, "chosen": 1e-4, "candidates": []})
+    return root
+
+
+def test_gains_are_points_over_zero_shot_and_a_ratio_of_mean_gains(tmp_path):
+    tasks, gains = task_gains(_run_dir(tmp_path))
+    assert tasks == ["piqa", "arc_easy"] and list(gains) == ["Full FT", "Uniform, Plug-in"]
+    assert gains["Full FT"]["piqa"] == pytest.approx([10.0, 0.0])
+    assert gains["Uniform, Plug-in"]["average"] == pytest.approx([5.0, 0.0])
+    text = gains_markdown(tasks, gains)
+    # piqa: plug-in mean 0 of Full FT's 5; arc_easy 5 of 10: 50 %, seed std 0.
+    assert "| Uniform, Plug-in | +0.0 ± 7.1 (0 ± 141 %) | +5.0 ± 0.0 (50 ± 0 %) | +2.5 ± 3.5 (33 ± 47 %) |" in text
+
+
+def test_a_missing_run_is_one_line_and_exit_2(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "task_gains.py"), str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("error: run configuration not found")
+    assert len(run.stderr.strip().splitlines()) == 1
