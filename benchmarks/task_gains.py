@@ -6,7 +6,11 @@ script reads a `crashlm offsite` run directory and prints, per task and on the a
 row's gain in accuracy points (mean ± std over seeds) and the ratio of the mean gains
 (plug-in / Full FT), whose ± is the plug-in gain's seed std over Full FT's mean gain:
 
-    .venv/bin/python benchmarks/task_gains.py runs/offsite_gemma3_3seeds
+    .venv/bin/python benchmarks/task_gains.py runs/offsite_gemma3_3seeds \
+        --figure benchmarks/results/offsite_gemma3_fidelity_gain.png --column arc_easy
+
+With ``--figure`` it also plots each plug-in's emulator KL (mean over the tasks' bundles) against
+that ratio in one column (a task, or ``average``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json
+from crashlm.emulators.bundle import MANIFEST
 from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
+from crashlm.outputs.plotting import plot_fidelity_gain
 
 
 def _acc(path: Path, task: str) -> float:
@@ -63,19 +69,44 @@ def gains_markdown(tasks: list[str], gains: dict[str, dict[str, list[float]]]) -
             denominator = statistics.fmean(full[column]) if full and row != "Full FT" else 0.0
             if denominator > 0:
                 spread = statistics.stdev(per_task[column]) / denominator if len(per_task[column]) > 1 else None
-                cell += f" ({100 * statistics.fmean(per_task[column]) / denominator + 0.0:.0f}" + (
+                cell += f" ({round(100 * statistics.fmean(per_task[column]) / denominator):d}" + (
                     f" ± {100 * spread:.0f} %)" if spread is not None else " %)")
             cells.append(cell)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def fidelity_points(run_dir: Path, gains: dict[str, dict[str, list[float]]], column: str) -> list[tuple]:
+    """(label, mean KL, ratio of mean gains, its spread) in ``column`` for each plug-in row with fidelity."""
+    config = OffsiteConfig.from_dict(read_json(run_dir / "config.json", "run configuration"))
+    full, points = statistics.fmean(gains["Full FT"][column]), []
+    for run in config.strategy_runs():
+        row = gains.get(f"{run_label(run)}, Plug-in")
+        bundles = [run_dir / t / run / "emulator" / MANIFEST for t in config.tasks]
+        if row is None or full <= 0 or not all(b.is_file() for b in bundles):
+            continue
+        kl = statistics.fmean(read_json(b, "emulator bundle")["fidelity"]["kl"] for b in bundles)
+        spread = statistics.stdev(row[column]) / full if len(row[column]) > 1 else None
+        points.append((run_label(run), kl, statistics.fmean(row[column]) / full, spread))
+    return points
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--figure", type=Path, help="fidelity against the ratio of mean gains, as a PNG")
+    parser.add_argument("--column", default="average", help="the task (or 'average') the figure's gain is taken on")
     args = parser.parse_args()
     try:
-        print(gains_markdown(*task_gains(args.run_dir)), end="")
+        tasks, gains = task_gains(args.run_dir)
+        if args.column not in [*tasks, "average"]:
+            raise UsageError(f"--column {args.column!r} is not one of the run's tasks or 'average'")
+        print(gains_markdown(tasks, gains), end="")
+        if args.figure:
+            config = read_json(args.run_dir / "config.json", "run configuration")
+            plot_fidelity_gain(fidelity_points(args.run_dir, gains, args.column), args.figure,
+                               f"Fidelity and transfer on {Path(config['model']).name} ({args.column})")
+            print(f"wrote {args.figure}")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -11,7 +11,7 @@ from crashlm.experiments.offsite import OffsiteConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from task_gains import gains_markdown, task_gains  # noqa: E402
+from task_gains import fidelity_points, gains_markdown, task_gains  # noqa: E402
 
 
 def _run_dir(root: Path) -> Path:
@@ -48,3 +48,15 @@ def test_a_missing_run_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: run configuration not found")
     assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_fidelity_points_pair_each_plug_in_with_its_emulators_mean_kl(tmp_path):
+    run_dir = _run_dir(tmp_path)
+    for task, kl in (("piqa", 1.0), ("arc_easy", 2.0)):
+        write_json(run_dir / task / "uniform" / "emulator" / "crashlm.json", {"fidelity": {"kl": kl}})
+    tasks, gains = task_gains(run_dir)
+    ((label, kl, ratio, spread),) = fidelity_points(run_dir, gains, "arc_easy")
+    assert (label, kl, ratio, spread) == ("Uniform", 1.5, 0.5, 0.0)
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "task_gains.py"), str(run_dir), "--figure",
+                          str(tmp_path / "f.png"), "--column", "average"], capture_output=True, text=True)
+    assert run.returncode == 0 and (tmp_path / "f.png").is_file()
