@@ -22,21 +22,20 @@ from pathlib import Path
 
 from crashlm.core.errors import UsageError
 from crashlm.core.io import read_json
-from crashlm.emulators.bundle import MANIFEST
 from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
+from crashlm.experiments.offsite_table import accuracy, bundle_records
 from crashlm.outputs.plotting import plot_fidelity_gain
 
 
-def _acc(path: Path, task: str) -> float:
-    return 100 * float(read_json(path, "evaluation result")["scores"][task]["acc"])
+def load_config(run_dir: Path) -> OffsiteConfig:
+    return OffsiteConfig.from_dict(read_json(run_dir / "config.json", "run configuration"))
 
 
-def task_gains(run_dir: Path) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+def task_gains(run_dir: Path, config: OffsiteConfig) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
     """(tasks, {row: {task or "average": per-seed gain over Full ZS in points}}) for Full FT and each
     plug-in row that has every task and seed."""
-    config = OffsiteConfig.from_dict(read_json(run_dir / "config.json", "run configuration"))
     tasks, seeds = config.tasks, config.seeds
-    zero_shot = {t: _acc(run_dir / t / "full_zs.json", t) for t in tasks}
+    zero_shot = {t: 100 * accuracy(run_dir / t / "full_zs.json", t) for t in tasks}
     paths = {}
     if config.full_ft:
         lrs = {t: read_json(run_dir / t / "full_ft" / LR_CHOICE, "learning-rate choice")["chosen"] for t in tasks}
@@ -47,7 +46,7 @@ def task_gains(run_dir: Path) -> tuple[list[str], dict[str, dict[str, list[float
     for row, path_of in paths.items():
         if not all(path_of(t, s).is_file() for t in tasks for s in seeds):
             continue  # a row the run has not finished
-        per_task = {t: [_acc(path_of(t, s), t) - zero_shot[t] for s in seeds] for t in tasks}
+        per_task = {t: [100 * accuracy(path_of(t, s), t) - zero_shot[t] for s in seeds] for t in tasks}
         per_task["average"] = [statistics.fmean(per_task[t][i] for t in tasks) for i in range(len(seeds))]
         gains[row] = per_task
     return tasks, gains
@@ -76,16 +75,20 @@ def gains_markdown(tasks: list[str], gains: dict[str, dict[str, list[float]]]) -
     return "\n".join(lines) + "\n"
 
 
-def fidelity_points(run_dir: Path, gains: dict[str, dict[str, list[float]]], column: str) -> list[tuple]:
+def fidelity_points(run_dir: Path, config: OffsiteConfig, gains: dict[str, dict[str, list[float]]],
+                    column: str) -> list[tuple]:
     """(label, mean KL, ratio of mean gains, its spread) in ``column`` for each plug-in row with fidelity."""
-    config = OffsiteConfig.from_dict(read_json(run_dir / "config.json", "run configuration"))
-    full, points = statistics.fmean(gains["Full FT"][column]), []
+    if "Full FT" not in gains:
+        raise UsageError("the fidelity figure needs the run's Full FT row (--full-ft)")
+    full = statistics.fmean(gains["Full FT"][column])
+    if full <= 0:
+        return []  # no gain to recover in this column
+    fidelity, points = bundle_records(run_dir, config, "fidelity"), []
     for run in config.strategy_runs():
-        row = gains.get(f"{run_label(run)}, Plug-in")
-        bundles = [run_dir / t / run / "emulator" / MANIFEST for t in config.tasks]
-        if row is None or full <= 0 or not all(b.is_file() for b in bundles):
+        row, records = gains.get(f"{run_label(run)}, Plug-in"), fidelity.get(run, {})
+        if row is None or len(records) < len(config.tasks):
             continue
-        kl = statistics.fmean(read_json(b, "emulator bundle")["fidelity"]["kl"] for b in bundles)
+        kl = statistics.fmean(record["kl"] for record in records.values())
         spread = statistics.stdev(row[column]) / full if len(row[column]) > 1 else None
         points.append((run_label(run), kl, statistics.fmean(row[column]) / full, spread))
     return points
@@ -98,14 +101,14 @@ def main() -> None:
     parser.add_argument("--column", default="average", help="the task (or 'average') the figure's gain is taken on")
     args = parser.parse_args()
     try:
-        tasks, gains = task_gains(args.run_dir)
+        config = load_config(args.run_dir)
+        tasks, gains = task_gains(args.run_dir, config)
         if args.column not in [*tasks, "average"]:
             raise UsageError(f"--column {args.column!r} is not one of the run's tasks or 'average'")
         print(gains_markdown(tasks, gains), end="")
         if args.figure:
-            config = read_json(args.run_dir / "config.json", "run configuration")
-            plot_fidelity_gain(fidelity_points(args.run_dir, gains, args.column), args.figure,
-                               f"Fidelity and transfer on {Path(config['model']).name} ({args.column})")
+            plot_fidelity_gain(fidelity_points(args.run_dir, config, gains, args.column), args.figure,
+                               f"Fidelity and transfer on {Path(config.model).name} ({args.column})")
             print(f"wrote {args.figure}")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ from crashlm.experiments.offsite import OffsiteConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from task_gains import fidelity_points, gains_markdown, task_gains  # noqa: E402
+from task_gains import fidelity_points, gains_markdown, load_config, task_gains  # noqa: E402
 
 
 def _run_dir(root: Path) -> Path:
@@ -34,7 +34,8 @@ def _run_dir(root: Path) -> Path:
 
 
 def test_gains_are_points_over_zero_shot_and_a_ratio_of_mean_gains(tmp_path):
-    tasks, gains = task_gains(_run_dir(tmp_path))
+    run_dir = _run_dir(tmp_path)
+    tasks, gains = task_gains(run_dir, load_config(run_dir))
     assert tasks == ["piqa", "arc_easy"] and list(gains) == ["Full FT", "Uniform, Plug-in"]
     assert gains["Full FT"]["piqa"] == pytest.approx([10.0, 0.0])
     assert gains["Uniform, Plug-in"]["average"] == pytest.approx([5.0, 0.0])
@@ -54,8 +55,9 @@ def test_fidelity_points_pair_each_plug_in_with_its_emulators_mean_kl(tmp_path):
     run_dir = _run_dir(tmp_path)
     for task, kl in (("piqa", 1.0), ("arc_easy", 2.0)):
         write_json(run_dir / task / "uniform" / "emulator" / "crashlm.json", {"fidelity": {"kl": kl}})
-    tasks, gains = task_gains(run_dir)
-    ((label, kl, ratio, spread),) = fidelity_points(run_dir, gains, "arc_easy")
+    config = load_config(run_dir)
+    tasks, gains = task_gains(run_dir, config)
+    ((label, kl, ratio, spread),) = fidelity_points(run_dir, config, gains, "arc_easy")
     assert (label, kl, ratio, spread) == ("Uniform", 1.5, 0.5, 0.0)
     run = subprocess.run([sys.executable, str(BENCHMARKS / "task_gains.py"), str(run_dir), "--figure",
                           str(tmp_path / "f.png"), "--column", "average"], capture_output=True, text=True)

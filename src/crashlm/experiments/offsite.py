@@ -92,6 +92,11 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def _link_tree(source: Path, target: Path) -> None:
+    """Fill ``target`` with ``source``'s files, hard-linked where the file system allows."""
+    shutil.copytree(source, target, copy_function=_link_or_copy, dirs_exist_ok=True)
+
+
 def _fixed_settings(config: dict, prefix: str = "") -> dict:
     """The settings a re-run must keep, flattened to dotted names (``train.lr``)."""
     fixed = {}
@@ -311,7 +316,7 @@ class Pipeline:
         """The task's "+ KD" bundle: the shared distilled one, hard-linked, recording this task's plan."""
         shared, spec = self.distilled(task, strategy), get_strategy(strategy).spec(self.plan(task, strategy))
         with atomic_dir(bundle) as tmp:
-            shutil.copytree(shared, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+            _link_tree(shared, tmp)
             records = read_records(tmp)
             if records["spec"] != spec.to_dict():  # the same emulator, planned on another task's similarity
                 write_json(tmp / MANIFEST, {**records, "spec": spec.to_dict()})
@@ -334,8 +339,7 @@ class Pipeline:
             def train(seed=seed, adapter=adapter):
                 if c.adapter_lrs and seed == c.seeds[0]:  # the grid trained it already
                     with atomic_dir(adapter) as tmp:
-                        shutil.copytree(adapter_grid_dir(self.run_dir, task, run, lr), tmp, copy_function=_link_or_copy,
-                                        dirs_exist_ok=True)
+                        _link_tree(adapter_grid_dir(self.run_dir, task, run, lr), tmp)
                 else:
                     train_adapter(load_emulator(bundle), replace(c.training(task, seed), lr=lr), adapter, resume=True)
 

@@ -24,11 +24,12 @@ from crashlm.outputs.tables import gain_recovered, table_markdown, table_row
 from crashlm.training.full import TRAINING_META
 
 
-def _acc(path: Path, task: str) -> float:
+def accuracy(path: Path, task: str) -> float:
+    """The accuracy (a fraction) an evaluation result records for ``task``."""
     return float(read_json(path, "evaluation result")["scores"][task]["acc"])
 
 
-def _bundle_records(run_dir: Path, config: OffsiteConfig, key: str) -> dict[str, dict[str, dict]]:
+def bundle_records(run_dir: Path, config: OffsiteConfig, key: str) -> dict[str, dict[str, dict]]:
     """``{run: {task: record}}``: the ``key`` record of every emulator bundle of the run that has one."""
     found: dict[str, dict[str, dict]] = {}
     for run in config.strategy_runs():
@@ -47,7 +48,7 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
 
     def collect(path_of: Callable[[str, int], Path | None], runs: list[int] = seeds) -> dict[str, dict[int, float]]:
         paths = {task: {seed: path_of(task, seed) for seed in runs} for task in tasks}
-        return {t: {s: _acc(p, t) for s, p in found.items() if p is not None and p.exists()} for t, found in paths.items()}
+        return {t: {s: accuracy(p, t) for s, p in found.items() if p is not None and p.exists()} for t, found in paths.items()}
 
     zero_shot = collect(lambda t, s: run_dir / t / "full_zs.json", [0])
     rows = [table_row("Full ZS", zero_shot)]
@@ -66,7 +67,7 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
         rows.append(table_row(f"{label}, Plug-in", plugin, run=run, **gain))
     distilled = {run: {task: {key: record[key] for key in ("chosen_step", "before", "after")}
                        for task, record in by_task.items()}
-                 for run, by_task in _bundle_records(run_dir, config, "distillation").items()}
+                 for run, by_task in bundle_records(run_dir, config, "distillation").items()}
     adapter_lrs = {run: by_task for run in config.strategy_runs()
                    if (by_task := {t: read_json(p, "learning-rate choice") for t in tasks
                                    if (p := run_dir / t / run / LR_CHOICE).exists()})}
@@ -76,7 +77,7 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
     return {"model": config.model, "tasks": tasks, "seeds": seeds, "metric": "acc", "rows": rows, "full_ft_lr": lrs,
             "adapter_lr": adapter_lrs,
             "kept_layers": {run: by_task for run, by_task in kept.items() if by_task},
-            "fidelity": _bundle_records(run_dir, config, "fidelity"), "distillation": distilled,
+            "fidelity": bundle_records(run_dir, config, "fidelity"), "distillation": distilled,
             "config": config.to_dict()}
 
 
