@@ -14,10 +14,10 @@ import torch
 from crashlm.analysis.removal import LayerStack, RemovalScores
 from crashlm.core.errors import UsageError
 from crashlm.core.models import get_layers, num_layers
-from crashlm.core.scoring import IGNORE_INDEX
+from crashlm.core.scoring import IGNORE_INDEX, next_token_targets, text_batches
 from crashlm.emulators.emulator import build_emulator
-from crashlm.emulators.fidelity import _Reference, _Totals, emulator_fidelity, spec_fidelity
-from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing
+from crashlm.emulators.fidelity import _Reference, _Totals, emulator_fidelity, gradient_agreement, spec_fidelity
+from crashlm.emulators.plans import EmulatorSpec, LayerPlan, Sharing, SlotKind
 from crashlm.emulators.plugin import apply_adapter, load_adapter, save_adapter
 from crashlm.emulators.strategies import STRATEGIES, get_strategy, plan_for
 from tests.tiny import CORPUS, tiny_model
@@ -154,6 +154,56 @@ def test_fidelity_of_an_untrained_emulator_is_that_of_the_built_one(arch):
     for field in ("loss", "full_loss", "kl", "top1"):
         assert getattr(built, field) == pytest.approx(getattr(untrained, field), rel=1e-4, abs=1e-6), field
     assert built.kl > 0 and built.tokens == untrained.tokens > 0
+
+
+def _layer_gradients(model, layers: dict[int, torch.nn.Module], tokenizer) -> list[dict[int, torch.Tensor]]:
+    """Per batch of CORPUS (as LayerStack batches it): each of ``layers``' flattened gradient of the mean next-token loss."""
+    out = []
+    for batch in text_batches(tokenizer, CORPUS, 8, 128):
+        targets = next_token_targets(batch["input_ids"], batch["attention_mask"])
+        logits = model(**batch, use_cache=False).logits.float()
+        keep = targets != IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        out.append({s: torch.cat([p.grad.flatten() for p in layer.parameters()]) for s, layer in layers.items()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_agreement_is_that_of_the_built_emulator_against_the_full_model(arch):
+    # COPIES sharing puts frozen copies of adapter layers 0 and 7 at the removed positions 1 and 6:
+    # they pass gradients through but must collect none, as in the built emulator.
+    full, tokenizer = tiny_model(arch, L)
+    flags = [p.requires_grad for p in full.parameters()]
+    spec = EmulatorSpec(LayerPlan(L, "custom", [0, 3, 4, 5, 7], [0, 7]), Sharing.COPIES)
+    assert [slot.kind for slot in spec.slots].count(SlotKind.COPY) == 2
+    measured = gradient_agreement(full, tokenizer, {"e": spec}, CORPUS, bf16=False, progress=False)["e"]
+    emulator = build_emulator(tiny_model(arch, L)[0], tokenizer, spec)
+    emulator.freeze()
+    on_emulator = _layer_gradients(emulator.model, emulator.adapter_layers(), tokenizer)
+    reference, _ = tiny_model(arch, L)
+    on_full = _layer_gradients(reference, {s: get_layers(reference)[s] for s in (0, 7)}, tokenizer)
+    cos = torch.nn.functional.cosine_similarity
+    whole = [float(cos(torch.cat([e[0], e[7]]), torch.cat([f[0], f[7]]), dim=0)) for e, f in zip(on_emulator, on_full)]
+    assert measured.batches == len(on_full)
+    assert measured.cosine == pytest.approx(sum(whole) / len(whole), abs=1e-4)
+    for layer in (0, 7):
+        expected = sum(float(cos(e[layer], f[layer], dim=0)) for e, f in zip(on_emulator, on_full)) / len(on_full)
+        assert measured.per_layer[layer] == pytest.approx(expected, abs=1e-4)
+    assert measured.cosine < 0.9999
+    assert [p.requires_grad for p in full.parameters()] == flags
+
+
+def test_gradient_agreement_of_a_zero_removal_emulator_is_one_and_leaves_requires_grad_alone():
+    full, tokenizer = tiny_model("llama", L)
+    flags = [p.requires_grad for p in full.parameters()]
+    spec = EmulatorSpec(LayerPlan(L, "custom", list(range(L)), [0, 1, 7]), Sharing.NONE)
+    measured = gradient_agreement(full, tokenizer, {"same": spec}, CORPUS, bf16=False, progress=False)["same"]
+    assert measured.cosine == pytest.approx(1.0, abs=1e-5)
+    assert all(value == pytest.approx(1.0, abs=1e-5) for value in measured.per_layer.values())
+    assert set(measured.per_layer) == {0, 1, 7}
+    assert [p.requires_grad for p in full.parameters()] == flags
 
 
 def test_fidelity_of_the_full_model_against_itself_is_perfect():

@@ -62,3 +62,20 @@ def test_fidelity_points_pair_each_plug_in_with_its_emulators_mean_kl(tmp_path):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "task_gains.py"), str(run_dir), "--figure",
                           str(tmp_path / "f.png"), "--column", "average"], capture_output=True, text=True)
     assert run.returncode == 0 and (tmp_path / "f.png").is_file()
+
+
+def test_gradient_agreement_refuses_a_task_the_run_does_not_have_in_one_line(tmp_path):
+    run_dir = _run_dir(tmp_path)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gradient_agreement.py"), str(run_dir),
+                             "--task", "openbookqa"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {run_dir} has no task 'openbookqa' (its tasks: piqa, arc_easy)"]
+
+
+def test_gradient_agreement_table_orders_emulators_by_cosine():
+    from gradient_agreement import markdown
+
+    rows = [{"label": "A", "cosine": 0.5, "per_layer": {"0": 0.4}, "kl": 1.0, "gain_ratio": 0.1},
+            {"label": "B", "cosine": 0.8, "per_layer": {"0": 0.9}, "kl": None, "gain_ratio": None}]
+    lines = markdown(rows).splitlines()
+    assert lines[2] == "| B | 0.800 | 0: 0.90 |  |  |" and lines[3] == "| A | 0.500 | 0: 0.40 | 1.00 | 10 % |"

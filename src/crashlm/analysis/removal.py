@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from crashlm.core.errors import UsageError
@@ -139,6 +141,25 @@ class LayerStack:
                 call = batch.calls[source]
                 hidden = _output(self.layers[source](hidden, *call.args, **call.kwargs))
             return hidden_to_logits(self.model, hidden).float()
+
+    def sequence_loss(self, batch: _Batch, sequence: Sequence[int], detached: Sequence[int] = ()) -> torch.Tensor:
+        """The mean next-token loss of ``batch`` through ``sequence``, with autograd: the gradient
+        reaches every parameter of the layers that need one, except at the positions in ``detached``,
+        whose layer passes a gradient to its input but none to its own weights (a frozen copy)."""
+        self._check(sequence)
+        hidden = batch.embedded
+        with self._autocast():
+            for position, source in enumerate(sequence):
+                layer, call = self.layers[source], batch.calls[source]
+                if position in detached:
+                    weights = {name: value.detach() for name, value in layer.named_parameters()}
+                    result = functional_call(layer, weights, (hidden, *call.args), call.kwargs)
+                else:
+                    result = layer(hidden, *call.args, **call.kwargs)
+                hidden = _output(result)
+            logits = hidden_to_logits(self.model, hidden).float()
+        keep = batch.targets != IGNORE_INDEX
+        return F.cross_entropy(logits[keep], batch.targets[keep])
 
     def _nll(self, batch: _Batch, logits: torch.Tensor) -> float:
         """Summed next-token negative log-likelihood of a batch."""

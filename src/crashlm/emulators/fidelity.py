@@ -8,7 +8,9 @@ position:
 * ``kl``: the mean KL(full || emulator) of the next-token distributions, in nats;
 * ``top1``: how often the emulator's most likely next token is the full model's.
 
-A zero-removal emulator has KL 0 and agreement 1. :func:`spec_fidelity` scores untrained
+A zero-removal emulator has KL 0 and agreement 1. :func:`gradient_agreement` asks the question
+closer to offsite-tuning: is the adapter's gradient on the emulator the one it would get on the
+full model (cosine 1 when nothing was removed)? :func:`spec_fidelity` scores untrained
 emulators as layer sequences of the full model (:class:`~crashlm.analysis.removal.LayerStack`),
 many at once and without building them; :func:`emulator_fidelity` scores a built emulator (one
 whose weights changed: distilled, or with a trained adapter) beside the full model.
@@ -28,7 +30,7 @@ from crashlm.core.calibration import CALIBRATION_TASK, calibration_texts
 from crashlm.core.errors import UsageError
 from crashlm.core.scoring import IGNORE_INDEX, next_token_targets, text_batches
 from crashlm.emulators.emulator import Emulator, check_plan
-from crashlm.emulators.plans import EmulatorSpec
+from crashlm.emulators.plans import EmulatorSpec, SlotKind
 from crashlm.training.runtime import use_bf16
 
 FIDELITY_TEXTS, FIDELITY_LENGTH = 64, 128
@@ -145,3 +147,80 @@ def emulator_fidelity(full_model: nn.Module, emulator: Emulator, texts: Sequence
             logits = emulator.model(**batch, use_cache=False).logits
         totals.add(_Reference.of(full, targets), logits)
     return totals.result(len(texts))
+
+
+@dataclass(frozen=True)
+class GradientAgreement:
+    """Cosine between the adapter's gradient on an emulator and on the full model, mean over batches."""
+
+    cosine: float  # over every adapter parameter at once
+    per_layer: dict[int, float]  # over each trainable layer's parameters (keyed by full-model layer)
+    batches: int
+
+    def to_dict(self) -> dict:
+        return {"cosine": self.cosine, "per_layer": {str(k): v for k, v in self.per_layer.items()},
+                "batches": self.batches}
+
+
+def _adapter_gradient(stack: LayerStack, batch, sequence: Sequence[int], detached: Sequence[int],
+                      trainable: Sequence[int]) -> list[torch.Tensor]:
+    """The gradient of ``batch``'s loss through ``sequence`` for each trainable layer, flattened."""
+    params = [list(stack.layers[layer].parameters()) for layer in trainable]
+    flat = [p for layer_params in params for p in layer_params]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(stack.sequence_loss(batch, sequence, detached), flat, allow_unused=True)
+    out, start = [], 0
+    for layer_params in params:
+        chunk = grads[start:start + len(layer_params)]
+        out.append(torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
+                              for p, g in zip(layer_params, chunk)]))
+        start += len(layer_params)
+    return out
+
+
+def gradient_agreement(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec], texts: Sequence[str],
+                       max_length: int = FIDELITY_LENGTH, bf16: bool = True,
+                       progress: bool = True) -> dict[str, GradientAgreement]:
+    """For each untrained emulator of ``specs`` (name -> spec): how alike its adapter's gradient of
+    the next-token loss on ``texts`` is to the gradient the same layers get in the full ``model``.
+
+    Offsite-tuning trains the adapter with the emulator's gradients and hopes they are the full
+    model's; this measures that hope at the pretrained weights, per batch of ``texts`` (generic
+    text, or a task's own). Frozen copies of adapter layers (CRaSh's sharing) pass gradients
+    through but collect none, as in a built emulator.
+    """
+    for spec in specs.values():
+        check_plan(model, spec.plan)
+    stack = LayerStack(model, tokenizer, texts, max_length=max_length, bf16=bf16, progress=progress)
+    requires = {p: p.requires_grad for p in model.parameters()}
+    sums: dict[str, list[float]] = {name: [0.0] * (1 + len(spec.plan.trainable)) for name, spec in specs.items()}
+    cos = torch.nn.functional.cosine_similarity
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in {t for spec in specs.values() for t in spec.plan.trainable}:
+            for p in stack.layers[layer].parameters():
+                p.requires_grad_(True)
+        bar = tqdm(total=len(stack.batches) * len(specs), desc="gradient agreement", unit="run",
+                   disable=not progress, leave=False)
+        with bar:
+            for batch in stack.batches:
+                full: dict[tuple[int, ...], list[torch.Tensor]] = {}
+                for name, spec in specs.items():
+                    trainable = tuple(spec.plan.trainable)
+                    if trainable not in full:
+                        full[trainable] = _adapter_gradient(stack, batch, range(stack.num_layers), (), trainable)
+                    sequence = [slot.source for slot in spec.slots]
+                    detached = [i for i, slot in enumerate(spec.slots) if slot.kind == SlotKind.COPY]
+                    emu = _adapter_gradient(stack, batch, sequence, detached, trainable)
+                    sums[name][0] += float(cos(torch.cat(emu), torch.cat(full[trainable]), dim=0))
+                    for i, (e, f) in enumerate(zip(emu, full[trainable])):
+                        sums[name][i + 1] += float(cos(e, f, dim=0))
+                    bar.update()
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    n = len(stack.batches)
+    return {name: GradientAgreement(sums[name][0] / n,
+                                    {layer: sums[name][i + 1] / n for i, layer in enumerate(spec.plan.trainable)}, n)
+            for name, spec in specs.items()}
