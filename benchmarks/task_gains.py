@@ -10,12 +10,15 @@ row's gain in accuracy points (mean ± std over seeds) and the ratio of the mean
         --figure benchmarks/results/offsite_gemma3_fidelity_gain.png --column arc_easy
 
 With ``--figure`` it also plots each plug-in's emulator KL (mean over the tasks' bundles) against
-that ratio in one column (a task, or ``average``).
+that ratio in one column (a task, or ``average``). ``--paired A,B --column T`` compares two rows
+item by item on task T, per seed (``zs`` is Full ZS, any other name a strategy run's plug-in): how
+many items A answers right and B wrong and the reverse, with the two-sided sign test's p.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -94,11 +97,47 @@ def fidelity_points(run_dir: Path, config: OffsiteConfig, gains: dict[str, dict[
     return points
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test of ``wins`` against ``losses`` (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _item_correct(path: Path, task: str) -> dict[str, float]:
+    return {item["doc_id"]: item["acc"] for item in read_json(path, "evaluation")["items"][task]}
+
+
+def paired(run_dir: Path, config: OffsiteConfig, task: str, a: str, b: str) -> list[tuple[int, int, int, float]]:
+    """(seed, items only ``a`` answers right, items only ``b`` does, sign-test p) for each seed."""
+    if task not in config.tasks:
+        raise UsageError(f"--paired needs --column to be one of the run's tasks, got {task!r}")
+    for name in (a, b):
+        if name != "zs" and name not in config.strategy_runs():
+            raise UsageError(f"--paired: {name!r} is neither 'zs' nor one of the run's strategies")
+
+    def path(name: str, seed: int) -> Path:
+        return run_dir / task / ("full_zs.json" if name == "zs" else f"{name}/seed{seed}/plugin.json")
+
+    out = []
+    for seed in config.seeds:
+        if not (path(a, seed).is_file() and path(b, seed).is_file()):
+            continue
+        left, right = _item_correct(path(a, seed), task), _item_correct(path(b, seed), task)
+        wins = sum(1 for doc, acc in left.items() if acc > right[doc])
+        losses = sum(1 for doc, acc in left.items() if acc < right[doc])
+        out.append((seed, wins, losses, sign_test(wins, losses)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--figure", type=Path, help="fidelity against the ratio of mean gains, as a PNG")
     parser.add_argument("--column", default="average", help="the task (or 'average') the figure's gain is taken on")
+    parser.add_argument("--paired", help="A,B: two rows compared item by item on --column's task (zs = Full ZS)")
     args = parser.parse_args()
     try:
         config = load_config(args.run_dir)
@@ -106,6 +145,11 @@ def main() -> None:
         if args.column not in [*tasks, "average"]:
             raise UsageError(f"--column {args.column!r} is not one of the run's tasks or 'average'")
         print(gains_markdown(tasks, gains), end="")
+        if args.paired:
+            a, _, b = args.paired.partition(",")
+            for seed, wins, losses, p in paired(args.run_dir, config, args.column, a, b):
+                print(f"{args.column}, seed {seed}: {a} right and {b} wrong on {wins} items, the reverse on "
+                      f"{losses}; sign test p = {p:.3f}")
         if args.figure:
             plot_fidelity_gain(fidelity_points(args.run_dir, config, gains, args.column), args.figure,
                                f"Fidelity and transfer on {Path(config.model).name} ({args.column})")

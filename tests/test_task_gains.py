@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from crashlm.core.errors import UsageError
 from crashlm.core.io import write_json
 from crashlm.experiments.offsite import OffsiteConfig
 
@@ -79,3 +80,27 @@ def test_gradient_agreement_table_orders_emulators_by_cosine():
             {"label": "B", "cosine": 0.8, "per_layer": {"0": 0.9}, "kl": None, "gain_ratio": None}]
     lines = markdown(rows).splitlines()
     assert lines[2] == "| B | 0.800 | 0: 0.90 |  |  |" and lines[3] == "| A | 0.500 | 0: 0.40 | 1.00 | 10 % |"
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    from task_gains import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(15, 5) == pytest.approx(0.04139, abs=1e-4) and sign_test(5, 15) == sign_test(15, 5)
+    assert sign_test(5, 0) == pytest.approx(2 / 32)
+
+
+def test_paired_counts_items_each_row_alone_answers(tmp_path):
+    from task_gains import paired
+
+    run_dir = _run_dir(tmp_path)
+    items = {"zs": [1, 1, 0, 0], "uniform": [1, 0, 1, 1]}
+    for seed in (1, 2):
+        for name, accs in items.items():
+            path = run_dir / "piqa" / ("full_zs.json" if name == "zs" else f"{name}/seed{seed}/plugin.json")
+            write_json(path, {"scores": {"piqa": {"acc": 0.5}},
+                              "items": {"piqa": [{"doc_id": i, "acc": a} for i, a in enumerate(accs)]}})
+    config = load_config(run_dir)
+    assert paired(run_dir, config, "piqa", "uniform", "zs") == [(1, 2, 1, 1.0), (2, 2, 1, 1.0)]
+    with pytest.raises(UsageError, match="neither 'zs'"):
+        paired(run_dir, config, "piqa", "crash", "zs")
