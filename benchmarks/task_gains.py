@@ -11,7 +11,8 @@ row's gain in accuracy points (mean ± std over seeds) and the ratio of the mean
 
 With ``--figure`` it also plots each plug-in's emulator KL (mean over the tasks' bundles) against
 that ratio in one column (a task, or ``average``). ``--paired A,B --column T`` compares two rows
-item by item on task T, per seed (``zs`` is Full ZS, any other name a strategy run's plug-in): how
+item by item on task T, per seed (``zs`` is Full ZS, a path is a directory of ``seed<S>/plugin.json``
+as ``plan_transfer.sh`` writes, any other name a strategy run's plug-in): how
 many items A answers right and B wrong and the reverse, with the two-sided sign test's p.
 """
 
@@ -38,9 +39,11 @@ def task_gains(run_dir: Path, config: OffsiteConfig) -> tuple[list[str], dict[st
     """(tasks, {row: {task or "average": per-seed gain over Full ZS in points}}) for Full FT and each
     plug-in row that has every task and seed."""
     tasks, seeds = config.tasks, config.seeds
+    if not all((run_dir / t / "full_zs.json").is_file() for t in tasks):
+        return tasks, {}  # a run still on its first tasks: no row has every task yet
     zero_shot = {t: 100 * accuracy(run_dir / t / "full_zs.json", t) for t in tasks}
     paths = {}
-    if config.full_ft:
+    if config.full_ft and all((run_dir / t / "full_ft" / LR_CHOICE).is_file() for t in tasks):
         lrs = {t: read_json(run_dir / t / "full_ft" / LR_CHOICE, "learning-rate choice")["chosen"] for t in tasks}
         paths["Full FT"] = lambda t, s: full_ft_dir(run_dir, t, lrs[t], s) / "eval.json"
     for run in config.strategy_runs():
@@ -115,10 +118,12 @@ def paired(run_dir: Path, config: OffsiteConfig, task: str, a: str, b: str) -> l
     if task not in config.tasks:
         raise UsageError(f"--paired needs --column to be one of the run's tasks, got {task!r}")
     for name in (a, b):
-        if name != "zs" and name not in config.strategy_runs():
-            raise UsageError(f"--paired: {name!r} is neither 'zs' nor one of the run's strategies")
+        if name != "zs" and "/" not in name and name not in config.strategy_runs():
+            raise UsageError(f"--paired: {name!r} is neither 'zs', a directory nor one of the run's strategies")
 
     def path(name: str, seed: int) -> Path:
+        if "/" in name:  # a directory of seed<S>/plugin.json, e.g. from plan_transfer.sh
+            return Path(name) / f"seed{seed}" / "plugin.json"
         return run_dir / task / ("full_zs.json" if name == "zs" else f"{name}/seed{seed}/plugin.json")
 
     out = []

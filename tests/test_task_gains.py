@@ -102,5 +102,13 @@ def test_paired_counts_items_each_row_alone_answers(tmp_path):
                               "items": {"piqa": [{"doc_id": i, "acc": a} for i, a in enumerate(accs)]}})
     config = load_config(run_dir)
     assert paired(run_dir, config, "piqa", "uniform", "zs") == [(1, 2, 1, 1.0), (2, 2, 1, 1.0)]
-    with pytest.raises(UsageError, match="neither 'zs'"):
+    with pytest.raises(UsageError, match="neither 'zs', a directory"):
         paired(run_dir, config, "piqa", "crash", "zs")
+
+
+def test_a_run_still_on_its_first_tasks_has_no_complete_row(tmp_path):
+    run_dir = _run_dir(tmp_path)
+    (run_dir / "arc_easy" / "full_ft" / "lr.json").unlink()
+    assert list(task_gains(run_dir, load_config(run_dir))[1]) == ["Uniform, Plug-in"]
+    (run_dir / "arc_easy" / "full_zs.json").unlink()
+    assert task_gains(run_dir, load_config(run_dir))[1] == {}
