@@ -47,7 +47,7 @@ test-fast: lint
 # benchmarks/results/offsite_smollm2.md) on ARC-Easy, the task whose fine-tuning gain is clearest at
 # this budget, in one seed. K = 25 of 30 layers: at the paper's half (DEMO_K=15) no emulator of this
 # 135M model transfers any of the gain. Full fine-tuning at the adapters' learning rate and greedy's
-# search on 8 calibration paragraphs keep it inside 15 minutes on 2 cores (benchmarks/RESULTS.md).
+# search on 8 calibration paragraphs keep it inside 15 minutes on 2 cores (9.4 min, benchmarks/RESULTS.md).
 # DEMO_TASKS=piqa,arc_easy,openbookqa runs the three-task table. Re-running continues where it stopped.
 demo: assets
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/crashlm offsite --model smollm2-135m \
