@@ -6,7 +6,7 @@ question "does a closer emulator transfer more?" is read over the whole range:
 
     .venv/bin/python benchmarks/fidelity_gain.py benchmarks/results/offsite_smollm2.json \
         benchmarks/results/offsite_smollm2_kd.json benchmarks/results/offsite_smollm2_k20.json \
-        benchmarks/results/offsite_smollm2_k25.json benchmarks/results/offsite_smollm2_ceiling.json \
+        benchmarks/results/offsite_smollm2_k25_all.json benchmarks/results/offsite_smollm2_ceiling.json \
         --out benchmarks/results/offsite_smollm2_fidelity_gain.png
 
 It prints the points (label, K, mean KL over the tasks, gain recovered ± seed std).
