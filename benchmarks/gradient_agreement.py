@@ -10,19 +10,18 @@ emulator's KL from its bundle and the plug-in's share of Full FT's gain on the t
 (`task_gains.py`), so one table says whether either fidelity orders transfer:
 
     .venv/bin/python benchmarks/gradient_agreement.py runs/smollm2_k25_all --task arc_easy --source task \
-        --texts 32 --out benchmarks/results/gradient_agreement_smollm2_k25.json
+        --texts 32 --out benchmarks/results/gradient_agreement_smollm2_k25_task.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 from task_gains import load_config, task_gains
 
-from crashlm.core.errors import UsageError
+from crashlm.core.errors import UsageError, usage_errors_exit
 from crashlm.core.io import write_json
 from crashlm.core.models import load_model
 from crashlm.core.tasks import load_examples
@@ -79,7 +78,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=32, help="how many texts (batches of 8)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    try:
+    with usage_errors_exit():
         if args.texts < 1:
             raise UsageError("--texts must be at least 1")
         rows = measure(args.run_dir, args.task, args.source, args.texts)
@@ -88,9 +87,6 @@ def main() -> None:
             write_json(args.out, {"run_dir": str(args.run_dir), "task": args.task, "source": args.source,
                                   "texts": args.texts, "rows": rows})
             print(f"wrote {args.out}")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

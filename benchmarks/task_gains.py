@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 from pathlib import Path
 
-from crashlm.core.errors import UsageError
+from crashlm.core.errors import UsageError, usage_errors_exit
 from crashlm.core.io import read_json
 from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
 from crashlm.experiments.offsite_table import accuracy, bundle_records
@@ -144,7 +143,7 @@ def main() -> None:
     parser.add_argument("--column", default="average", help="the task (or 'average') the figure's gain is taken on")
     parser.add_argument("--paired", help="A,B: two rows compared item by item on --column's task (zs = Full ZS)")
     args = parser.parse_args()
-    try:
+    with usage_errors_exit():
         config = load_config(args.run_dir)
         tasks, gains = task_gains(args.run_dir, config)
         if args.column not in [*tasks, "average"]:
@@ -159,9 +158,6 @@ def main() -> None:
             plot_fidelity_gain(fidelity_points(args.run_dir, config, gains, args.column), args.figure,
                                f"Fidelity and transfer on {Path(config.model).name} ({args.column})")
             print(f"wrote {args.figure}")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -166,16 +166,11 @@ def _adapter_gradient(stack: LayerStack, batch, sequence: Sequence[int], detache
                       trainable: Sequence[int]) -> list[torch.Tensor]:
     """The gradient of ``batch``'s loss through ``sequence`` for each trainable layer, flattened."""
     params = [list(stack.layers[layer].parameters()) for layer in trainable]
-    flat = [p for layer_params in params for p in layer_params]
     with torch.enable_grad():
-        grads = torch.autograd.grad(stack.sequence_loss(batch, sequence, detached), flat, allow_unused=True)
-    out, start = [], 0
-    for layer_params in params:
-        chunk = grads[start:start + len(layer_params)]
-        out.append(torch.cat([(torch.zeros_like(p) if g is None else g).float().flatten()
-                              for p, g in zip(layer_params, chunk)]))
-        start += len(layer_params)
-    return out
+        loss = stack.sequence_loss(batch, sequence, detached)
+        # Zeros for a parameter the loss does not reach (a layer the sequence left out).
+        grads = iter(torch.autograd.grad(loss, [p for ps in params for p in ps], materialize_grads=True))
+    return [torch.cat([next(grads).float().flatten() for _ in layer_params]) for layer_params in params]
 
 
 def gradient_agreement(model: nn.Module, tokenizer, specs: Mapping[str, EmulatorSpec], texts: Sequence[str],
