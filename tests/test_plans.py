@@ -153,6 +153,7 @@ def test_the_papers_strategies_are_registered_with_their_labels_inputs_and_shari
         "greedy": ("Greedy (SLEB)", {CALIBRATION}, Sharing.NONE, "greedy"),
         "block-influence": ("Block influence (ShortGPT)", {CALIBRATION}, Sharing.NONE, "block-influence"),
         "angular": ("Angular distance (Gromov et al.)", {CALIBRATION}, Sharing.NONE, "angular"),
+        "contiguous": ("Contiguous block (loss)", {CALIBRATION}, Sharing.NONE, "contiguous"),
         "drop-last": ("Drop last", frozenset(), Sharing.NONE, "drop-last"),
     }
     with pytest.raises(UsageError, match="unknown emulator strategy 'random'; choose uniform, crash"):

@@ -41,6 +41,10 @@ class HandMadeStack:
         self.calls += 1
         return {c: self.loss([s for s in sequence if s != c]) for c in candidates}
 
+    def block_removal_losses(self, starts, size) -> dict[int, float]:
+        self.calls += 1
+        return {s: self.loss([layer for layer in range(self.num_layers) if not s <= layer < s + size]) for s in starts}
+
 
 class HandMadeScores(RemovalScores):
     def __init__(self, stack, influence=None, angular=None):
@@ -88,6 +92,19 @@ def test_angular_removes_the_closest_contiguous_block():
     angular = plan("angular", 5, scores)
     assert angular.kept == [0, 1, 2, 6, 7]
     assert angular.scores["angular_distance"]["3"] == 0.1 and "0" not in angular.scores["angular_distance"]
+
+
+def test_contiguous_removes_the_cheapest_block_where_greedy_scatters():
+    stack = HandMadeStack([9, 0.1, 0.5, 0.2, 0.2, 0.3, 0.1, 9])
+    scores = HandMadeScores(stack)
+    assert plan("greedy", 5, scores).scores["removal_order"] == [1, 6, 3]
+    contiguous = plan("contiguous", 5, scores)
+    assert contiguous.kept == [0, 1, 2, 3, 7]  # blocks 1-3: 0.8, 2-4: 0.9, 3-5: 0.7, 4-6: 0.6
+    assert contiguous.scores["block_removal_loss"] == pytest.approx({"1": 1.8, "2": 1.9, "3": 1.7, "4": 1.6})
+    calls = stack.calls
+    assert plan("contiguous", 5, scores).kept == contiguous.kept and stack.calls == calls  # measured once per size
+    assert plan("contiguous", 4, scores).kept == [0, 1, 2, 7] and stack.calls == calls + 1
+    assert plan("contiguous", 6, HandMadeScores(HandMadeStack([1.0] * L))).kept == [0, 3, 4, 5, 6, 7]  # ties: lower
 
 
 def test_drop_last_removes_the_deepest_middle_layers():
@@ -138,6 +155,12 @@ def test_replay_is_the_models_own_forward(arch):
     removed = stack.removal_losses(range(L), [2, 5])
     assert removed[2] == pytest.approx(stack.loss([0, 1, 3, 4, 5, 6, 7]), rel=1e-5)
     assert removed[5] == pytest.approx(stack.loss([0, 1, 2, 3, 4, 6, 7]), rel=1e-5)
+    blocks = stack.block_removal_losses([1, 5], 3)
+    assert blocks[1] == pytest.approx(stack.loss([0, 4, 5, 6, 7]), rel=1e-5)
+    assert blocks[5] == pytest.approx(stack.loss([0, 1, 2, 3, 4]), rel=1e-5)
+    assert stack.block_removal_losses([3], 0)[3] == pytest.approx(stack.loss(range(L)), rel=1e-5)
+    with pytest.raises(UsageError, match="does not fit"):
+        stack.block_removal_losses([6], 3)
     influence = stack.block_influence()
     assert len(influence) == L and all(-1e-6 <= v <= 2 for v in influence)
     distance = stack.angular_distance()
@@ -238,7 +261,7 @@ def test_every_strategy_at_k_equal_to_depth_keeps_every_layer_and_the_full_model
 
 
 @pytest.mark.parametrize("arch", ("llama", "gpt2"))
-@pytest.mark.parametrize("strategy", ["greedy", "block-influence", "angular", "drop-last", "crash-loss-share"])
+@pytest.mark.parametrize("strategy", ["greedy", "block-influence", "angular", "contiguous", "drop-last", "crash-loss-share"])
 def test_every_new_strategy_plans_builds_trains_a_step_and_plugs_in(arch, strategy, tmp_path):
     model, tokenizer = tiny_model(arch, L)
     scores = RemovalScores(LayerStack(model, tokenizer, CORPUS, bf16=False, progress=False))

@@ -17,7 +17,8 @@ Scores (each strategy cites its source in :mod:`crashlm.emulators.strategies`):
 * :meth:`LayerStack.angular_distance`: ``arccos(cos(x_l, x_{l+n})) / pi`` between the residual
   stream entering layer l and entering layer l + n, at each text's last token (Gromov et al. 2025);
 * :meth:`LayerStack.loss`: the next-token loss of a layer sequence (SLEB's criterion, Song et al.
-  2024), and :meth:`LayerStack.removal_losses`: of the sequence with each candidate removed.
+  2024), :meth:`LayerStack.removal_losses`: of the sequence with each candidate removed, and
+  :meth:`LayerStack.block_removal_losses`: of the full model with each contiguous block removed.
 """
 
 from __future__ import annotations
@@ -192,6 +193,26 @@ class LayerStack:
         bar.close()
         return {layer: total / self.num_tokens for layer, total in totals.items()}
 
+    def block_removal_losses(self, starts: Sequence[int], size: int) -> dict[int, float]:
+        """Loss of the full model with the ``size`` layers from each of ``starts`` removed (one block).
+
+        The full model's states are computed once per batch; removing the block at s runs the
+        layers after it on the state entering s.
+        """
+        depth = self.num_layers
+        if size < 0 or any(s < 0 or s + size > depth for s in starts):
+            raise UsageError(f"a block of {size} layers from {list(starts)} does not fit layers 0..{depth - 1}")
+        totals = dict.fromkeys(starts, 0.0)
+        bar = tqdm(total=len(self.batches) * len(totals), desc=f"blocks of {size}", unit="run",
+                   disable=not self.progress, leave=False)
+        for batch in self.batches:
+            entering = self.states(batch, range(depth))
+            for start in totals:
+                totals[start] += self._nll(batch, self.logits(batch, range(depth), start + size, entering[start]))
+                bar.update()
+        bar.close()
+        return {start: total / self.num_tokens for start, total in totals.items()}
+
     # -- geometric scores of the full model -----------------------------------------------------
 
     def _full_states(self) -> list[tuple[_Batch, list[torch.Tensor]]]:
@@ -235,6 +256,7 @@ class RemovalScores:
         self._single: dict[int, float] | None = None
         self._full: float | None = None
         self._greedy: dict[tuple[int, ...], tuple[list[int], list[float]]] = {}
+        self._blocks: dict[int, dict[int, float]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -260,6 +282,18 @@ class RemovalScores:
         if self._single is None:
             self._single = self.stack.removal_losses(range(self.num_layers), range(self.num_layers), "single removals")
         return self._single
+
+    def block_removal_losses(self, candidates: Sequence[int], size: int) -> dict[int, float]:
+        """Loss of the full model with each contiguous block of ``size`` ``candidates`` removed, by its
+        first layer (``candidates``: consecutive layers; each block size is measured once)."""
+        starts = list(candidates)[: len(candidates) - size + 1]
+        if size > len(candidates):
+            raise UsageError(f"cannot remove {size} of {len(candidates)} candidate layers")
+        measured = self._blocks.setdefault(size, {})
+        missing = [start for start in starts if start not in measured]
+        if missing:
+            measured.update(self.stack.block_removal_losses(missing, size))
+        return {start: measured[start] for start in starts}
 
     def greedy_removal(self, candidates: Sequence[int], count: int) -> tuple[list[int], list[float]]:
         """SLEB's greedy search: ``count`` times, remove the candidate whose removal raises the loss

@@ -12,7 +12,7 @@ The distinct paragraphs, in file order, are cut into three disjoint slices so no
 measured on the text it was fitted to:
 
 * ``search``: the first :data:`SEARCH_TEXTS`, read by the strategies that run the model to
-  choose layers (greedy, block influence, angular distance, the loss representative);
+  choose layers (greedy, block influence, angular distance, contiguous block, the loss representative);
 * ``distill``: the paragraphs in between, the distillation's training text;
 * ``heldout``: the last :data:`HELDOUT_TEXTS`, on which emulator fidelity is measured and the
   distillation's step count is chosen.

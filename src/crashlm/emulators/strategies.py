@@ -206,6 +206,19 @@ def angular(inputs: PlanInputs) -> LayerPlan:
                         scores={"angular_distance": {str(first): distance[first][n] for first in starts}})
 
 
+@register("contiguous", "Contiguous block (loss)", needs={CALIBRATION})
+def contiguous(inputs: PlanInputs) -> LayerPlan:
+    """Angular's contiguous block chosen by SLEB's criterion: remove the block of n = L - K middle
+    layers whose removal raises the calibration loss least (ties: the lower block). Built here after
+    the K = 25 SmolLM2 table, where contiguous removals transferred and removals that keep a layer
+    inside the removed span did not, at the same closeness."""
+    _, middle = split_adapter(inputs.num_layers, inputs.trainable)
+    losses = inputs.scores.block_removal_losses(middle, inputs.removals)
+    start = min(losses, key=lambda first: (losses[first], first))
+    return removal_plan(inputs.num_layers, "contiguous", list(range(start, start + inputs.removals)), inputs.trainable,
+                        scores={"block_removal_loss": {str(first): loss for first, loss in losses.items()}})
+
+
 @register("drop-last", "Drop last")
 def drop_last(inputs: PlanInputs) -> LayerPlan:
     """The deepest middle layers go (those just below the top adapter layers): the baseline that
