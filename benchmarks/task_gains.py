@@ -108,8 +108,15 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _item_correct(path: Path, task: str) -> dict[str, float]:
+def item_correct(path: Path, task: str) -> dict[str, float]:
     return {item["doc_id"]: item["acc"] for item in read_json(path, "evaluation")["items"][task]}
+
+
+def wins_losses(a: Path, b: Path, task: str) -> tuple[int, int]:
+    """Items of ``task`` that evaluation ``a`` answers right and ``b`` wrong, and the reverse."""
+    left, right = item_correct(a, task), item_correct(b, task)
+    return (sum(1 for doc, acc in left.items() if acc > right[doc]),
+            sum(1 for doc, acc in left.items() if acc < right[doc]))
 
 
 def paired(run_dir: Path, config: OffsiteConfig, task: str, a: str, b: str) -> list[tuple[int, int, int, float]]:
@@ -129,9 +136,7 @@ def paired(run_dir: Path, config: OffsiteConfig, task: str, a: str, b: str) -> l
     for seed in config.seeds:
         if not (path(a, seed).is_file() and path(b, seed).is_file()):
             continue
-        left, right = _item_correct(path(a, seed), task), _item_correct(path(b, seed), task)
-        wins = sum(1 for doc, acc in left.items() if acc > right[doc])
-        losses = sum(1 for doc, acc in left.items() if acc < right[doc])
+        wins, losses = wins_losses(path(a, seed), path(b, seed), task)
         out.append((seed, wins, losses, sign_test(wins, losses)))
     return out
 

@@ -112,3 +112,53 @@ def test_a_run_still_on_its_first_tasks_has_no_complete_row(tmp_path):
     assert list(task_gains(run_dir, load_config(run_dir))[1]) == ["Uniform, Plug-in"]
     (run_dir / "arc_easy" / "full_zs.json").unlink()
     assert task_gains(run_dir, load_config(run_dir))[1] == {}
+
+
+def _eval(path: Path, task: str, correct: list[int]) -> Path:
+    items = [{"doc_id": i, "acc": float(c)} for i, c in enumerate(correct)]
+    return write_json(path, {"scores": {task: {"acc": sum(correct) / len(correct)}}, "items": {task: items}})
+
+
+def test_fresh_items_summary_gains_shares_and_sign_tests_against_the_first_row(tmp_path):
+    from fresh_items import FT, ZS, markdown, summary
+
+    task = "arc_easy"
+    results = {
+        ZS: {0: _eval(tmp_path / "zs.json", task, [1, 0, 0, 0])},
+        FT: {1: _eval(tmp_path / "ft1.json", task, [1, 1, 1, 0]), 2: _eval(tmp_path / "ft2.json", task, [1, 1, 1, 1])},
+        "greedy": {1: _eval(tmp_path / "g1.json", task, [1, 1, 0, 0]), 2: _eval(tmp_path / "g2.json", task, [1, 1, 1, 0])},
+        "uniform": {1: _eval(tmp_path / "u1.json", task, [0, 0, 0, 1]), 2: _eval(tmp_path / "u2.json", task, [1, 0, 0, 0])},
+    }
+    table = summary(results, task)
+    assert table["zero_shot"] == 25.0 and table["first"] == "greedy"
+    assert table["rows"][FT]["gain"] == [50.0, 75.0] and "share" not in table["rows"][FT]
+    assert table["rows"]["greedy"]["share"] == pytest.approx(37.5 / 62.5)
+    # uniform against greedy: seed 1 right on item 3 only, wrong on 0 and 1; seed 2 wrong on 1 and 2.
+    assert table["rows"]["uniform"]["against_first"] == {1: [1, 2, 1.0], 2: [0, 2, 0.5]}
+    assert "against_first" not in table["rows"]["greedy"]
+    assert "| uniform |  | 25.0 / 25.0 | +0.0 ± 0.0 | 0 % | 1-2 (p = 1.000), 0-2 (p = 0.500) |" in markdown(table)
+    assert "spearman_kl_gain" not in table
+    results["drop-last"] = {1: _eval(tmp_path / "d1.json", task, [0, 0, 0, 0]), 2: results["uniform"][2]}
+    table = summary(results, task, {"greedy": 0.5, "uniform": 1.0, "drop-last": 9.0, FT: None})
+    assert table["rows"]["greedy"]["kl"] == 0.5 and "kl" not in table["rows"][FT]
+    assert table["spearman_kl_gain"] == pytest.approx(-1.0)  # gains 37.5, 0, -12.5: farther, less
+    assert "| greedy | 0.50 |" in markdown(table)
+
+
+def test_ranks_share_ties_and_spearman_is_pearson_of_ranks():
+    from fresh_items import ranks, spearman
+
+    assert ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    assert spearman([1, 2, 3, 4], [10, 40, 20, 30]) == pytest.approx(0.4)
+
+
+def test_fresh_items_refuses_a_row_the_run_does_not_have_in_one_line(tmp_path):
+    run_dir = _run_dir(tmp_path)
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "fresh_items.py"), str(run_dir), "--task", "arc_easy",
+                             "--split", "validation", "--rows", "angular"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: row 'angular' is neither a directory nor one of the run's strategies"]
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "fresh_items.py"), str(run_dir), "--task", "arc_easy",
+                             "--split", "dev", "--rows", "uniform"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: arc_easy has no split 'dev'")
