@@ -3,12 +3,13 @@
 An offsite table reads one split's first items (``--eval-limit``), and every comparison made after
 looking at it (a plan written by hand, a hypothesis about which plans transfer) is measured on the
 same items. This script evaluates Full ZS, Full FT and the plug-in of each named row, per seed, on
-another split (or more items) of one task, then prints each row's accuracy, its gain over Full ZS,
-its share of Full FT's gain, and an item-by-item sign test against the first row:
+another split (or more items) of one task, then prints each row's emulator KL, accuracy, gain over
+Full ZS, share of Full FT's gain and an item-by-item sign test against the first row, and the rank
+correlation of KL and gain; ``--figure`` plots KL against the share:
 
     .venv/bin/python benchmarks/fresh_items.py runs/smollm2_k25_all --task arc_easy --split validation \\
-        --limit 200 --rows greedy,block-influence,runs/plan_transfer/block_12_16 \\
-        --out benchmarks/results/fresh_items_smollm2_k25_arc.json
+        --limit 300 --rows greedy,block-influence,runs/plan_transfer/block_12_16 \\
+        --out benchmarks/results/fresh_items_smollm2_k25_arc.json --figure fresh.png
 
 A row is a strategy run of RUN_DIR (its ``<task>/<run>/seed<S>/adapter``) or a directory of
 ``seed<S>/adapter`` as ``plan_transfer.sh`` writes. Each evaluation is kept under
@@ -30,6 +31,7 @@ from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
 from crashlm.experiments.offsite_config import LR_CHOICE, full_ft_dir, run_label
 from crashlm.experiments.offsite_table import accuracy
+from crashlm.outputs.plotting import plot_fidelity_gain
 
 ZS, FT = "Full ZS", "Full FT"
 
@@ -132,6 +134,14 @@ def summary(results: dict[str, dict[int, Path]], task: str, kl: dict[str, float 
     return table
 
 
+def fidelity_points(table: dict) -> list[tuple[str, float, float, float | None]]:
+    """(label, KL, share of Full FT's mean gain, the gain's seed std over it) of each row with both."""
+    full = statistics.fmean(table["rows"][FT]["gain"]) if FT in table["rows"] else 0.0
+    return [(table["labels"][row], record["kl"], record["share"],
+             statistics.stdev(record["gain"]) / full if len(record["gain"]) > 1 else None)
+            for row, record in table["rows"].items() if "kl" in record and "share" in record]
+
+
 def markdown(table: dict) -> str:
     lines = [f"Full ZS: {table['zero_shot']:.1f}", "",
              f"| row | KL | accuracy per seed | gain over Full ZS | share of Full FT's gain | against {table['first']} |",
@@ -157,6 +167,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200, help="its first N items")
     parser.add_argument("--rows", required=True, help="comma-separated strategy runs or plan_transfer.sh directories")
     parser.add_argument("--out", type=Path, help="the summary as JSON")
+    parser.add_argument("--figure", type=Path, help="each row's emulator KL against its share of Full FT's gain, as a PNG")
     args = parser.parse_args()
     with usage_errors_exit():
         config = load_config(args.run_dir)
@@ -170,11 +181,15 @@ def main() -> None:
         results = evaluate_rows(found, args.task, args.split, args.limit, work, config.train.max_length)
         table = summary(results, args.task, {row: emulator_kl(args.run_dir, args.task, row) for row in results})
         table = {"task": args.task, "split": args.split, "limit": args.limit, "labels": {
-            row: run_label(row) if "/" not in row and row != FT else row for row in table["rows"]}, **table}
+            row: Path(row).name if "/" in row else row if row == FT else run_label(row) for row in table["rows"]}, **table}
         print(markdown(table), end="")
         if args.out:
             write_json(args.out, table)
             print(f"wrote {args.out}")
+        if args.figure:
+            plot_fidelity_gain(fidelity_points(table), args.figure,
+                               f"Fidelity and transfer, {args.task} {args.split} ({args.limit} items)")
+            print(f"wrote {args.figure}")
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def _eval(path: Path, task: str, correct: list[int]) -> Path:
 
 
 def test_fresh_items_summary_gains_shares_and_sign_tests_against_the_first_row(tmp_path):
-    from fresh_items import FT, ZS, markdown, summary
+    from fresh_items import FT, ZS, fidelity_points, markdown, summary
 
     task = "arc_easy"
     results = {
@@ -143,6 +143,10 @@ def test_fresh_items_summary_gains_shares_and_sign_tests_against_the_first_row(t
     assert table["rows"]["greedy"]["kl"] == 0.5 and "kl" not in table["rows"][FT]
     assert table["spearman_kl_gain"] == pytest.approx(-1.0)  # gains 37.5, 0, -12.5: farther, less
     assert "| greedy | 0.50 |" in markdown(table)
+    table["labels"] = {row: row.title() for row in table["rows"]}
+    points = {label: (kl, share, spread) for label, kl, share, spread in fidelity_points(table)}
+    assert set(points) == {"Greedy", "Uniform", "Drop-Last"}  # Full FT has no emulator
+    assert points["Greedy"] == pytest.approx((0.5, 0.6, 17.68 / 62.5), abs=1e-3)
 
 
 def test_ranks_share_ties_and_spearman_is_pearson_of_ranks():
