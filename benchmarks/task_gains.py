@@ -26,7 +26,7 @@ from pathlib import Path
 from crashlm.core.errors import UsageError, usage_errors_exit
 from crashlm.core.io import read_json
 from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
-from crashlm.experiments.offsite_table import accuracy, bundle_records
+from crashlm.experiments.offsite_table import accuracy, bundle_records, item_correct
 from crashlm.outputs.plotting import plot_fidelity_gain
 
 
@@ -106,10 +106,6 @@ def sign_test(wins: int, losses: int) -> float:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n
     return min(1.0, 2 * tail)
-
-
-def item_correct(path: Path, task: str) -> dict[str, float]:
-    return {item["doc_id"]: item["acc"] for item in read_json(path, "evaluation")["items"][task]}
 
 
 def wins_losses(a: Path, b: Path, task: str) -> tuple[int, int]:

@@ -153,6 +153,29 @@ def test_table_gain_recovered_is_a_mean_over_seeds_with_its_std(tmp_path):
     assert "55 ± 7 % (2 seeds)" in text and "piqa 0.0001 (0.0001: 1.0000, 0.001: 2.0000)" in text
 
 
+def test_table_gives_the_gain_recovered_over_item_resamples_when_items_are_recorded(tmp_path):
+    config = OffsiteConfig(model="m", tasks=["piqa"], strategies=["uniform"], seeds=[1, 2])
+    write_json(tmp_path / "piqa/full_ft/lr.json", {"seed": 1, "chosen": 1e-4, "candidates": []})
+
+    def result(relative: str, correct: list[int]) -> None:
+        items = [{"doc_id": i, "acc": float(c)} for i, c in enumerate(correct)]
+        write_json(tmp_path / "piqa" / relative, {"scores": {"piqa": {"acc": sum(correct) / len(correct)}},
+                                                  "items": {"piqa": items}})
+
+    result("full_zs.json", [1, 0, 0, 0] * 10)
+    for seed in (1, 2):
+        result(f"full_ft/lr0.0001/seed{seed}/eval.json", [1, 1, 1, 0] * 10)
+        result(f"uniform/seed{seed}/plugin.json", [1, 1, 0, 0] * 10)
+    plugin = {row["name"]: row for row in build_table(tmp_path, config)["rows"]}["Uniform, Plug-in"]
+    low, high = plugin["gain_recovered_items"]
+    assert plugin["gain_recovered"] == pytest.approx(0.5) and low < 0.5 < high
+    assert f"50 ± 0 % (2 seeds); items {100 * low:.0f} to {100 * high:.0f} %" in table_markdown(
+        build_table(tmp_path, config))
+    result("uniform/seed2/plugin.json", [1, 1, 0, 0] * 9)  # other items: no interval, the seeds' gain stays
+    plugin = {row["name"]: row for row in build_table(tmp_path, config)["rows"]}["Uniform, Plug-in"]
+    assert "gain_recovered_items" not in plugin and "gain_recovered" in plugin
+
+
 def test_gain_recovered_needs_both_rows_of_a_seed_and_averages_tasks_first():
     zero_shot = {"piqa": {0: 0.5}, "arc_easy": {0: 0.3}}
     full_ft = {"piqa": {1: 0.7, 2: 0.7}, "arc_easy": {1: 0.5, 2: 0.5}}

@@ -20,6 +20,7 @@ from crashlm.experiments.offsite_config import (
 )
 from crashlm.outputs.plotting import plot_fidelity_gain, plot_offsite_table, plot_training_curves
 from crashlm.outputs.report import CURVES_FIGURE, FIDELITY_FIGURE
+from crashlm.outputs.stats import item_interval
 from crashlm.outputs.tables import gain_recovered, table_markdown, table_row
 from crashlm.training.full import TRAINING_META
 
@@ -27,6 +28,24 @@ from crashlm.training.full import TRAINING_META
 def accuracy(path: Path, task: str) -> float:
     """The accuracy (a fraction) an evaluation result records for ``task``."""
     return float(read_json(path, "evaluation result")["scores"][task]["acc"])
+
+
+def item_correct(path: Path, task: str) -> dict:
+    """``{doc_id: 1.0 or 0.0}``: which of ``task``'s items an evaluation result answered right."""
+    return {item["doc_id"]: item["acc"] for item in read_json(path, "evaluation result").get("items", {}).get(task, [])}
+
+
+def _item_rows(paths: dict[str, list[Path | None]], order: dict[str, list]) -> dict[str, list[list[float]]] | None:
+    """Per task, each path's correctness in ``order``'s items; None unless every path scored exactly those."""
+    rows: dict[str, list[list[float]]] = {}
+    for task, task_paths in paths.items():
+        rows[task] = []
+        for path in task_paths:
+            correct = item_correct(path, task) if path is not None and path.exists() else {}
+            if not order[task] or set(correct) != set(order[task]):
+                return None
+            rows[task].append([correct[doc] for doc in order[task]])
+    return rows
 
 
 def bundle_records(run_dir: Path, config: OffsiteConfig, key: str) -> dict[str, dict[str, dict]]:
@@ -51,6 +70,19 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
         return {t: {s: accuracy(p, t) for s, p in found.items() if p is not None and p.exists()} for t, found in paths.items()}
 
     zero_shot = collect(lambda t, s: run_dir / t / "full_zs.json", [0])
+    zs_items = {t: item_correct(path, t) if (path := run_dir / t / "full_zs.json").exists() else {} for t in tasks}
+    order = {t: list(correct) for t, correct in zs_items.items()}
+
+    def _item_interval(plugin_path: Callable[[str, int], Path]) -> tuple[float, float] | None:
+        """The plug-in's gain recovered over item resamples (every seed of every task evaluated)."""
+        if not all(t in lrs for t in tasks):
+            return None
+        ft = _item_rows({t: [full_ft_dir(run_dir, t, lrs[t]["chosen"], s) / "eval.json" for s in seeds] for t in tasks},
+                        order)
+        plug = _item_rows({t: [plugin_path(t, s) for s in seeds] for t in tasks}, order)
+        if ft is None or plug is None:
+            return None
+        return item_interval({t: [zs_items[t][doc] for doc in order[t]] for t in tasks}, ft, plug)
     rows = [table_row("Full ZS", zero_shot)]
     full_ft = collect(lambda t, s: full_ft_dir(run_dir, t, lrs[t]["chosen"], s) / "eval.json" if t in lrs else None)
     if config.full_ft:
@@ -64,6 +96,10 @@ def build_table(run_dir: Path, config: OffsiteConfig) -> dict:
         rows.append(table_row(f"{label}, Emu FT", collect(at("seed{seed}/emu_ft.json")), run=run))
         plugin = collect(at("seed{seed}/plugin.json"))
         gain = gain_recovered(zero_shot, full_ft, plugin) if config.full_ft else {}
+        if gain:
+            interval = _item_interval(at("seed{seed}/plugin.json"))
+            if interval is not None:
+                gain["gain_recovered_items"] = list(interval)
         rows.append(table_row(f"{label}, Plug-in", plugin, run=run, **gain))
     distilled = {run: {task: {key: record[key] for key in ("chosen_step", "before", "after")}
                        for task, record in by_task.items()}

@@ -11,6 +11,8 @@ import html
 import math
 import statistics
 
+from crashlm.outputs.stats import ITEM_LEVEL, ITEM_RESAMPLES
+
 COLUMNS_AFTER_TASKS = ("average", "gain recovered")
 # Scores of one row: task -> seed -> accuracy (one entry for an untrained row).
 Scores = dict[str, dict[int, float]]
@@ -58,13 +60,18 @@ def gain_recovered(zero_shot: Scores, full_ft: Scores, plugin: Scores) -> dict:
 
 
 def gain_text(row: dict) -> str:
-    """``54 %``, or ``54 ± 7 % (3 seeds)``; empty for a row without a gain."""
+    """``54 %``, or ``54 ± 7 % (3 seeds)``, then ``; items 31 to 70 %`` where the item interval is
+    known; empty for a row without a gain."""
     if "gain_recovered" not in row:
         return ""
     std = row.get("gain_recovered_std")
-    if std is None:
-        return f"{100 * row['gain_recovered']:.0f} %"
-    return f"{100 * row['gain_recovered']:.0f} ± {100 * std:.0f} % ({row['gain_recovered_seeds']} seeds)"
+    text = f"{100 * row['gain_recovered']:.0f} %"
+    if std is not None:
+        text = f"{100 * row['gain_recovered']:.0f} ± {100 * std:.0f} % ({row['gain_recovered_seeds']} seeds)"
+    if "gain_recovered_items" in row:
+        low, high = row["gain_recovered_items"]
+        text += f"; items {100 * low:.0f} to {100 * high:.0f} %"
+    return text
 
 
 def _score(row: dict, task: str) -> str:
@@ -90,6 +97,10 @@ def table_cells(table: dict) -> tuple[list[str], list[list[str]]]:
 def table_note(table: dict) -> str:
     note = (f"{table.get('metric', 'acc')} (%) on {', '.join(table['tasks'])}; model {table['model']}; "
             f"seeds {table['seeds']} (mean ± std where several).")
+    if any("gain_recovered_items" in row for row in table["rows"]):
+        note += (f" Gain recovered \"items a to b %\": the {100 * ITEM_LEVEL:.0f} % interval of the plug-in's gain over"
+                 " Full FT's (seed-averaged, mean over the tasks) when each task's items are resampled"
+                 f" ({ITEM_RESAMPLES} bootstrap resamples); the seeds share the items, so their ± leaves this out.")
     choices = table.get("full_ft_lr") or {}
     if choices:
         tried = "; ".join(
