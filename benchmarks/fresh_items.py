@@ -29,16 +29,16 @@ from crashlm.core.io import read_json, write_json
 from crashlm.core.tasks import get_task
 from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
-from crashlm.experiments.offsite_config import LR_CHOICE, full_ft_dir, run_label
+from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
 from crashlm.experiments.offsite_table import accuracy
 from crashlm.outputs.plotting import plot_fidelity_gain
 
 ZS, FT = "Full ZS", "Full FT"
 
 
-def targets(run_dir: Path, task: str, rows: list[str], seeds: list[int], model: str) -> dict[str, dict[int, dict]]:
+def targets(run_dir: Path, config: OffsiteConfig, task: str, rows: list[str]) -> dict[str, dict[int, dict]]:
     """``{row: {seed: resolve_target arguments}}`` for Full ZS (seed 0), Full FT and each row."""
-    config = load_config(run_dir)
+    model, seeds = config.model, config.seeds
     if task not in config.tasks:
         raise UsageError(f"{run_dir} has no task {task!r} (its tasks: {', '.join(config.tasks)})")
     found: dict[str, dict[int, dict]] = {ZS: {0: {"model": model}}}
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--task", required=True, help="one of the run's tasks")
     parser.add_argument("--split", required=True, help="the split to evaluate (e.g. validation)")
-    parser.add_argument("--limit", type=int, default=200, help="its first N items")
+    parser.add_argument("--limit", type=int, default=300, help="its first N items")
     parser.add_argument("--rows", required=True, help="comma-separated strategy runs or plan_transfer.sh directories")
     parser.add_argument("--out", type=Path, help="the summary as JSON")
     parser.add_argument("--figure", type=Path, help="each row's emulator KL against its share of Full FT's gain, as a PNG")
@@ -176,7 +176,7 @@ def main() -> None:
             raise UsageError(f"{args.task} has no split {args.split!r} (its splits: {', '.join(splits)})")
         if args.limit < 1:
             raise UsageError(f"--limit must be positive, got {args.limit}")
-        found = targets(args.run_dir, args.task, args.rows.split(","), config.seeds, config.model)
+        found = targets(args.run_dir, config, args.task, args.rows.split(","))
         work = args.run_dir / "fresh_items" / f"{args.task}-{args.split}-{args.limit}"
         results = evaluate_rows(found, args.task, args.split, args.limit, work, config.train.max_length)
         table = summary(results, args.task, {row: emulator_kl(args.run_dir, args.task, row) for row in results})
