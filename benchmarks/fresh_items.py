@@ -27,6 +27,7 @@ from task_gains import load_config, sign_test, wins_losses
 from crashlm.core.errors import UsageError, usage_errors_exit
 from crashlm.core.io import read_json, write_json
 from crashlm.core.tasks import get_task
+from crashlm.emulators.bundle import MANIFEST, read_records
 from crashlm.emulators.targets import resolve_target
 from crashlm.evaluation.run import evaluate
 from crashlm.experiments.offsite_config import LR_CHOICE, OffsiteConfig, full_ft_dir, run_label
@@ -34,6 +35,11 @@ from crashlm.experiments.offsite_table import accuracy
 from crashlm.outputs.plotting import plot_fidelity_gain
 
 ZS, FT = "Full ZS", "Full FT"
+
+
+def row_dir(run_dir: Path, task: str, row: str) -> Path:
+    """A row's directory: a plan_transfer.sh directory as given, else the strategy run's in RUN_DIR."""
+    return Path(row) if "/" in row else run_dir / task / row
 
 
 def targets(run_dir: Path, config: OffsiteConfig, task: str, rows: list[str]) -> dict[str, dict[int, dict]]:
@@ -49,8 +55,8 @@ def targets(run_dir: Path, config: OffsiteConfig, task: str, rows: list[str]) ->
     for row in rows:
         if "/" not in row and row not in config.strategy_runs():
             raise UsageError(f"row {row!r} is neither a directory nor one of the run's strategies")
-        base = Path(row) if "/" in row else run_dir / task / row
-        found[row] = {s: {"model": model, "adapter": str(base / f"seed{s}" / "adapter")} for s in seeds}
+        found[row] = {s: {"model": model, "adapter": str(row_dir(run_dir, task, row) / f"seed{s}" / "adapter")}
+                      for s in seeds}
     for row, by_seed in found.items():
         for target in by_seed.values():
             path = Path(target.get("adapter") or target["model"])
@@ -77,8 +83,8 @@ def evaluate_rows(found: dict[str, dict[int, dict]], task: str, split: str, limi
 
 def emulator_kl(run_dir: Path, task: str, row: str) -> float | None:
     """The KL to the full model recorded in the row's emulator bundle, if it has one."""
-    record = (Path(row) if "/" in row else run_dir / task / row) / "emulator" / "crashlm.json"
-    return read_json(record, "emulator record").get("fidelity", {}).get("kl") if record.is_file() else None
+    bundle = row_dir(run_dir, task, row) / "emulator"
+    return read_records(bundle).get("fidelity", {}).get("kl") if (bundle / MANIFEST).is_file() else None
 
 
 def ranks(values: list[float]) -> list[float]:
